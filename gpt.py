@@ -1,0 +1,236 @@
+"""Lesson 2 — GPT: a decoder-only language model built from attention Blocks.
+
+What you will learn here, top to bottom:
+  1. the model's few hyper-parameters (GPTConfig) and the standard sizes (PRESETS), from a
+     3-layer toy that trains in seconds on a laptop up to GPT-2 XL;
+  2. the GPT itself: token + position embeddings → n_layer Blocks → LayerNorm → a language-model
+     head that shares its matrix with the token embedding (weight tying);
+  3. GPT-2's initialisation, and why the residual projections start smaller;
+  4. the loss: cross-entropy of the next token, in nats per token;
+  5. generation: temperature, top-k, top-p (nucleus) sampling, streamed one token at a time,
+     with the KV cache from attention.py making each new token cheap;
+  6. counting parameters and FLOPs (for MFU, the share of the hardware's peak we use).
+
+You need: attention.py (Block, LayerNorm, KVCache).
+Next lesson: bpe.py — how text becomes the integer token ids this model reads.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import Block, KVCache, LayerNorm
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Configuration and presets
+# ----------------------------------------------------------------------------------------------
+
+# name → depth and width. The gpt2* rows are OpenAI's GPT-2 family (Radford et al. 2019);
+# the small ones are ours, sized to train on a CPU in minutes (gpt-nano) to an hour (gpt-mini).
+PRESETS = {
+    "gpt-nano":    dict(n_layer=3,  n_head=3,  n_embd=48),
+    "gpt-micro":   dict(n_layer=4,  n_head=4,  n_embd=128),
+    "gpt-mini":    dict(n_layer=6,  n_head=6,  n_embd=192),
+    "gpt-small":   dict(n_layer=8,  n_head=8,  n_embd=512),
+    "gpt2":        dict(n_layer=12, n_head=12, n_embd=768),   # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large":  dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl":     dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256        # the context: the most tokens the model sees at once
+    vocab_size: int = 50257      # how many different token ids exist (gpt2's tokenizer: 50257)
+    n_layer: int = 4             # how many Blocks are stacked
+    n_head: int = 4              # attention heads per Block
+    n_embd: int = 128            # C: the width of every token's vector
+    dropout: float = 0.0         # 0 for pre-training on plenty of data; 0.1–0.2 on small data
+    bias: bool = True            # biases in Linear layers and LayerNorms (GPT-2 had them)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """GPTConfig.from_preset("gpt-micro", vocab_size=8192, block_size=256)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model type {name!r} — choose one of: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self):
+        """Plain dict of the fields (what a checkpoint stores as `model_config`)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The model
+# ----------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        # Token embedding: row i is the vector that stands for token id i.
+        self.wte = nn.Embedding(config.vocab_size, C)
+        # Position embedding: attention itself is order-blind (a weighted *sum*), so each
+        # position 0 … block_size−1 gets a learned vector added to its token's vector.
+        self.wpe = nn.Embedding(config.block_size, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(C, config.n_head, dropout=config.dropout, bias=config.bias) for _ in range(config.n_layer)
+        )
+        self.ln_f = LayerNorm(C, bias=config.bias)   # pre-LN blocks leave the stream un-normalised
+        self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf 2017): the output layer scores token i by a dot product with
+        # the same vector that embeds token i. It saves vocab_size × C parameters — most of a
+        # small model — and trains better, since rare tokens' rows get gradients from both ends.
+        self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2 init: every Block adds two residual projections (attn.c_proj, mlp.c_proj) to the
+        # stream, so its variance grows with each addition. Scaling those weights' std by
+        # 1/√(2·n_layer) keeps the summed stream at a steady scale at the start of training.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        """GPT-2's init: weights N(0, 0.02), biases 0 (LayerNorms keep γ=1, β=0)."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx: (B, T) token ids → (logits, loss).
+
+        With targets (B, T): logits for every position (B, T, vocab) and the mean
+        cross-entropy in nats/token; positions whose target is −1 are ignored.
+        Without targets: only the last position's logits (B, 1, vocab) — all that generation
+        needs, and it skips a (B, T, vocab) matmul that is the model's largest.
+        cache: a KVCache; idx then holds only the new tokens, placed after the cached ones.
+        """
+        B, T = idx.shape
+        start = cache.length() if cache is not None else 0       # absolute position of idx[:, 0]
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
+                             f"{self.config.block_size}; crop it to the last {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))             # (B, T, C) + (T, C) broadcast
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=cache, layer=i)                   # (B, T, C)
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None             # (B, 1, vocab)
+        logits = self.lm_head(x)                                 # (B, T, vocab)
+        # Cross-entropy = −log p(correct next token), averaged: in nats (natural log) per token.
+        # A model that guesses uniformly scores ln(vocab_size); perplexity is e^loss.
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------------------------------------
+    # 3. Generation
+    # ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Pick the next token from last-position logits (B, vocab) → (B, 1).
+
+        temperature: logits / t before the softmax. t < 1 sharpens the distribution, t > 1
+          flattens it, t = 0 means greedy: always the most likely token.
+        top_k: keep only the k most likely tokens.
+        top_p: nucleus sampling — keep the smallest set of most-likely tokens whose total
+          probability reaches p (so the set is small when the model is sure, large when not).
+        generator: a seeded torch.Generator, for reproducible samples.
+        """
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.size(-1):
+            kth_best = torch.topk(logits, top_k, dim=-1).values[:, [-1]]    # (B, 1)
+            logits = logits.masked_fill(logits < kth_best, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            # Mass of all *more* likely tokens. A token stays if that is still < p, so the
+            # most likely token always stays and the kept set is the smallest reaching p.
+            mass_before = probs.cumsum(dim=-1) - probs
+            drop_sorted = mass_before >= top_p
+            drop = drop_sorted.scatter(-1, order, drop_sorted)   # back to vocabulary order
+            logits = logits.masked_fill(drop, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+               use_cache=True, generator=None):
+        """Yield the new tokens one at a time, each a (B,) tensor (int(t) for B = 1).
+
+        idx: (B, T) the prompt. Put the model in eval mode first (model.eval()), else dropout
+        makes the output random. Stop early by simply leaving the loop (e.g. at <|endoftext|>).
+
+        Without a cache every step runs the whole context through the model: O(T) work per
+        new token, O(T²) per sample. With the cache the prompt runs once ("prefill"); then each
+        step feeds only the newest token, whose query attends to the cached keys and values.
+        """
+        block_size = self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache is None or cache.length() >= block_size:
+                # (Re)build the cache from the last block_size tokens. Once the text outgrows
+                # the context, the window slides one token per step — and since position
+                # embeddings are added at the input, every cached key/value was computed for
+                # a position that has now shifted by one. A slid cache would be wrong, so we
+                # recompute the window, exactly like the no-cache path. (Models with relative
+                # positions, e.g. rotary embeddings, can slide their cache instead.)
+                cache = KVCache(self.config.n_layer)
+                logits, _ = self(idx[:, -block_size:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)       # only the newest token
+            next_id = self.sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_id], dim=1)               # (B, T+1)
+            yield next_id[:, 0]
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 use_cache=True, generator=None):
+        """Like stream(), but return idx (B, T + max_new_tokens) with all new tokens appended."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
+        if not new:
+            return idx
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+    # ------------------------------------------------------------------------------------------
+    # 4. Size and cost
+    # ------------------------------------------------------------------------------------------
+
+    def num_params(self, non_embedding=True):
+        """Number of parameters (the tied head counted once).
+
+        non_embedding=True leaves out the position table, which does no arithmetic. The token
+        table stays in: through weight tying it is also the output layer's matrix, a real matmul.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, T=None):
+        """FLOPs to train on one token (forward + backward) at context T (default block_size).
+
+        A weight used once per token costs a multiply and an add (2 FLOPs) in the forward
+        pass, and twice that in the backward (gradients w.r.t. both its input and itself):
+        6 FLOPs per parameter, so 6N. Attention's q·kᵀ and weights·v are matmuls with no
+        parameters: per layer and token each costs 2·T·C forward, so 3 × 2 × 2·T·C = 12·T·C
+        with the backward. Total: 6N + 12·n_layer·C·T (Kaplan et al. 2020, appendix; PaLM's MFU).
+        """
+        T = self.config.block_size if T is None else T
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
