@@ -146,20 +146,37 @@ class MLP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 class KVCache:
-    """The keys and values of every position seen so far, one (k, v) pair per layer.
+    """The keys and values of every position seen so far, for each layer.
 
     When generating, token t+1 needs attention over positions 0…t+1, but the keys and values
-    of 0…t do not change (causal attention never lets them see the new token). Keeping them
+    of 0…t never change (causal attention never lets them see a later token). Keeping them
     means each new token costs one row of work instead of recomputing the whole sequence.
+    The buffers are allocated once at full size (max_len positions) and filled in place:
+    appending by torch.cat would copy the whole cache at every step.
     """
 
-    def __init__(self, n_layer):
-        self.layers = [None] * n_layer                           # each: (k, v), (B, H, T_cached, D)
+    def __init__(self, n_layer, max_len):
+        self.max_len = max_len
+        self.keys = [None] * n_layer                             # each (B, H, max_len, D) once used
+        self.values = [None] * n_layer
+        self.filled = [0] * n_layer                              # positions written, per layer
 
     def length(self):
-        """How many positions are cached (0 before the first forward)."""
-        first = self.layers[0]
-        return 0 if first is None else first[0].size(-2)
+        """How many positions are cached (what layer 0 holds; 0 before the first forward)."""
+        return self.filled[0]
+
+    def append(self, layer, k, v):
+        """Write k, v (B, H, T, D) after the cached positions; return all of them so far."""
+        B, H, T, D = k.shape
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_empty(B, H, self.max_len, D)
+            self.values[layer] = v.new_empty(B, H, self.max_len, D)
+        start, end = self.filled[layer], self.filled[layer] + T
+        assert end <= self.max_len, f"KV cache holds {self.max_len} positions; {end} asked"
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        self.filled[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]   # (B, H, end, D)
 
 
 class CausalSelfAttention(nn.Module):
@@ -196,11 +213,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)                 # 3 × (B, T, C)
         q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, H, T, D)
         if cache is not None:
-            past = cache.layers[layer]
-            if past is not None:
-                k = torch.cat([past[0], k], dim=2)               # (B, H, T_cached + T, D)
-                v = torch.cat([past[1], v], dim=2)
-            cache.layers[layer] = (k, v)
+            k, v = cache.append(layer, k, v)                     # (B, H, T_cached + T, D)
         p = self.dropout if self.training else 0.0
         Tq, Tk = q.size(2), k.size(2)
         if self.flash:

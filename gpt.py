@@ -191,7 +191,7 @@ class GPT(nn.Module):
                 # a position that has now shifted by one. A slid cache would be wrong, so we
                 # recompute the window, exactly like the no-cache path. (Models with relative
                 # positions, e.g. rotary embeddings, can slide their cache instead.)
-                cache = KVCache(self.config.n_layer)
+                cache = KVCache(self.config.n_layer, block_size)
                 logits, _ = self(idx[:, -block_size:], cache=cache)
             else:
                 logits, _ = self(idx[:, -1:], cache=cache)       # only the newest token

@@ -4,6 +4,7 @@ Each test states one behaviour in its name. Sections follow the reading order of
 attention → gpt → bpe → data → train → sample. Nothing here needs the network or
 ../shared/corpus; the tests build their own small data (and a local HTTP server for downloads).
 """
+import contextlib
 import math
 import os
 import pathlib
@@ -23,6 +24,10 @@ import torch.nn.functional as F
 from attention import Block, CausalSelfAttention, KVCache, LayerNorm, causal_mask, gelu, layer_norm
 from attention import scaled_dot_product_attention
 from gpt import GPT, PRESETS, GPTConfig
+
+# The models here are tiny: one thread is faster than two fighting over small matmuls, and it
+# keeps the timings steady when the machine is busy.
+torch.set_num_threads(1)
 
 
 # ==============================================================================================
@@ -89,7 +94,7 @@ def test_flash_and_written_out_agree_with_a_kv_cache_and_a_short_query_block():
     x = torch.randn(2, 10, 32)
     outs = []
     for b in (block, written_out):
-        cache = KVCache(1)
+        cache = KVCache(1, 10)
         first = b(x[:, :6], cache=cache)
         rest = b(x[:, 6:], cache=cache)                  # 4 queries over 10 keys
         outs.append(torch.cat([first, rest], dim=1))
@@ -211,7 +216,7 @@ def test_cached_forward_gives_the_same_logits_as_a_full_recompute():
     model = tiny_gpt().eval()
     idx = torch.randint(0, 64, (2, 25))
     full, _ = model(idx, torch.zeros_like(idx))
-    cache = KVCache(model.config.n_layer)
+    cache = KVCache(model.config.n_layer, 32)
     model(idx[:, :10], cache=cache)
     for t in range(10, 25):
         step, _ = model(idx[:, t:t + 1], cache=cache)
@@ -313,6 +318,400 @@ def test_flops_per_token_is_6n_plus_the_attention_term():
     model = tiny_gpt()
     cfg = model.config
     assert model.flops_per_token() == 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+
+# ==============================================================================================
+# bpe.py
+# ==============================================================================================
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import tiktoken
+
+import bpe
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+# ---- test material, all built here (no corpus files needed) ---------------------------------
+
+VARIED_TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "I'm sure you'll agree they've said it's fine; we'd go.",
+    "I'M SURE YOU'LL AGREE THEY'VE SAID IT'S FINE; WE'D GO. It'S mIxEd'Ll",
+    "DON'T STOP. Don't Stop. don't stop. O'Neil's 'quoted' text ''",
+    "def f(x):\n    return x ** 2  # square\n\n\tif x:\n\t\tpass\r\n",
+    "for (int i = 0; i < n; ++i) { a[i] += b[i] * 3.14159; }\n",
+    "    leading spaces and trailing spaces    ",
+    "many     spaces\t\ttabs\r\nwindows\r\n\r\nline endings   \n   \n",
+    "trailing newline at the end\n",
+    "   ",
+    "\n\n\n",
+    "",
+    "a",
+    "0 1 12 123 1234 12345 123456 1234567 12345678901234567890 3.14159265358979 1e-10 -42",
+    "人工智能是计算机科学的一个分支，它企图了解智能的实质。我们今天去北京，天气很好。",
+    "床前明月光，疑是地上霜。舉頭望明月，低頭思故鄉。",
+    "繁體中文與簡體中文：臺灣、香港、澳門使用繁體字；中国大陆使用简体字。",
+    "一二三四五六七八九十百千万亿" * 20,
+    "日本語のテキスト：東京は日本の首都です。カタカナとひらがな。",
+    "한국어 텍스트: 서울은 대한민국의 수도입니다.",
+    "Emoji: 😀😃😄 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ❤️ 🇨🇳🇺🇸 ✨",
+    "Mixed 中文 and English 混合 text, with numbers 2024年3月15日 and emoji 🎉!",
+    "Ελληνικά, русский текст, עברית, العربية, हिन्दी, ไทย, Tiếng Việt",
+    "café naïve résumé Zürich — “quotes” ‘single’ … « guillemets »",
+    "<|endoftext|> looks special but is plain text in encode_ordinary",
+    "text <|endoftext|> more <|fim_prefix|> and <|endofprompt|> and <|notaspecial|>",
+    "<|endoftext",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "\u200b\u200d\ufeff zero width and BOM, combining: e\u0301 a\u0308 \u0915\u094d\u0937",
+    "lone surrogate \ud800 here",
+    "x" * 1000 + " " + "中" * 500,
+]
+
+RANGES = [  # (first, last) code points, chosen to exercise every clause of both patterns
+    (0x20, 0x7E), (0x20, 0x7E), (0x09, 0x0D), (0x80, 0x24F), (0x300, 0x36F), (0x370, 0x52F),
+    (0x590, 0x6FF), (0x900, 0x97F), (0xE00, 0xE7F), (0x1100, 0x11FF), (0x2000, 0x206F),
+    (0x2460, 0x27BF), (0x3000, 0x30FF), (0x4E00, 0x9FFF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3),
+    (0xFF00, 0xFFEF), (0x1F300, 0x1FAFF), (0x20000, 0x2A6DF), (0x0, 0x10FFFF),
+]
+
+
+def random_unicode_strings(n, seed=0):
+    """n seeded random strings: mixtures of scripts, digits, spaces and emoji, no surrogates."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ranges = rng.sample(RANGES, rng.randint(1, 4))
+        chars = []
+        for _ in range(rng.randint(0, 40)):
+            lo, hi = rng.choice(ranges)
+            c = rng.randint(lo, hi)
+            if 0xD800 <= c <= 0xDFFF:
+                c = 0xFFFD
+            chars.append(chr(c))
+            if rng.random() < 0.1:
+                chars.append(rng.choice([" ", "  ", "\n", "\r\n", "\t", "'s", "'LL", "123456"]))
+        out.append("".join(chars))
+    return out
+
+
+ZH_WORDS = ("我们 今天 北京 天气 很好 人工智能 计算机 科学 一个 分支 学习 模型 数据 语言 中国 "
+            "历史 文化 发展 研究 技术 山 水 月 风 花 雪 春 秋 明月 故乡 朋友").split()
+EN_WORDS = ("the of and to in is that it was for on are as with his they at be this from have "
+            "or by one had not but what all were when we there can an your which their said if "
+            "model data token merge byte pair encoding").split()
+PUNCT = ["，", "。", "、", "！", "？", ", ", ". ", "! ", "\n"]
+
+
+def mixed_text(n_bytes, seed=0):
+    """Seeded Chinese/English text of at least n_bytes UTF-8 bytes."""
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_bytes:
+        if rng.random() < 0.5:
+            sentence = "".join(rng.choice(ZH_WORDS) for _ in range(rng.randint(2, 8)))
+        else:
+            sentence = " " + " ".join(rng.choice(EN_WORDS) for _ in range(rng.randint(2, 10)))
+        sentence += rng.choice(PUNCT)
+        if rng.random() < 0.05:
+            sentence += str(rng.randint(0, 10 ** rng.randint(1, 8)))
+        parts.append(sentence)
+        size += len(sentence.encode("utf-8"))
+    return "".join(parts)
+
+
+@pytest.fixture(scope="module", params=["gpt2", "cl100k_base"])
+def official(request):
+    """(our BPETokenizer, tiktoken's Encoding) for one OpenAI vocabulary."""
+    return bpe.BPETokenizer.from_tiktoken(request.param), tiktoken.get_encoding(request.param)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small vocabulary trained on mixed text, saved to disk: (tokenizer, path)."""
+    tok = bpe.BPETokenizer.train(mixed_text(40_000, seed=1), 400, name="mixed400")
+    path = tmp_path_factory.mktemp("bpe") / "mixed400.bpe"
+    tok.save(path)
+    return tok, path
+
+
+# ---- the split patterns and the official vocabularies -----------------------------------------
+
+def test_split_patterns_are_tiktokens():
+    assert bpe.GPT2_SPLIT_PATTERN == tiktoken.get_encoding("gpt2")._pat_str
+    assert bpe.GPT4_SPLIT_PATTERN == tiktoken.get_encoding("cl100k_base")._pat_str
+
+
+def test_cl100k_keeps_a_run_of_han_characters_in_one_piece():
+    pieces = regex_findall(bpe.GPT4_SPLIT_PATTERN, "我们今天去北京，天气很好。")
+    assert pieces == ["我们今天去北京", "，天气很好", "。"]
+    assert regex_findall(bpe.GPT2_SPLIT_PATTERN, "我们今天去北京，天气很好。") == [
+        "我们今天去北京", "，", "天气很好", "。"]
+
+
+def regex_findall(pattern, text):
+    import regex
+    return regex.findall(pattern, text)
+
+
+def test_official_single_byte_ids_are_not_byte_values(official):
+    tok, _ = official
+    assert tok.ranks[b"!"] == 0 and tok.ranks[b"A"] == 32
+    assert tok.ranks[b" "] == 220 and tok.ranks[b"\x00"] == 188
+    assert sorted(i for t, i in tok.ranks.items() if len(t) == 1) == list(range(256))
+
+
+def test_official_metadata_matches_tiktoken(official):
+    tok, enc = official
+    assert tok.n_vocab == enc.n_vocab
+    assert tok.eot_token == enc.eot_token
+    assert tok.special_tokens == enc._special_tokens
+
+
+def test_encode_matches_tiktoken_on_varied_text(official):
+    tok, enc = official
+    for text in VARIED_TEXTS:
+        assert tok.encode_ordinary(text) == enc.encode_ordinary(text), text
+        assert tok.encode(text, allowed_special="all") == enc.encode(
+            text, allowed_special="all"), text
+    joined = "\n".join(VARIED_TEXTS)
+    assert tok.encode(joined, disallowed_special=()) == enc.encode(joined, disallowed_special=())
+
+
+def test_decode_matches_tiktoken_and_round_trips(official):
+    tok, enc = official
+    for text in VARIED_TEXTS:
+        ids = enc.encode(text, allowed_special="all")
+        assert tok.decode_bytes(ids) == enc.decode_bytes(ids)
+        assert tok.decode(ids) == enc.decode(ids)
+        if "\ud800" not in text:
+            assert tok.decode(ids) == text
+    # a Han character cut in half decodes to U+FFFD with errors="replace", like tiktoken
+    ids = enc.encode("智能")
+    assert tok.decode(ids[:1]) == enc.decode(ids[:1])
+
+
+def test_encode_matches_tiktoken_on_2000_random_unicode_strings(official):
+    tok, enc = official
+    for s in random_unicode_strings(2000, seed=1234):
+        ids = tok.encode_ordinary(s)
+        assert ids == enc.encode_ordinary(s), repr(s)
+        assert tok.decode(ids) == s
+
+
+def test_long_han_piece_encodes_fast_and_exactly(official):
+    tok, enc = official
+    rng = random.Random(7)
+    piece = "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(100_000))
+    assert len(regex_findall(tok.pattern, piece)) == 1  # really one pre-token
+    t0 = time.perf_counter()
+    ids = tok.encode_ordinary(piece)
+    seconds = time.perf_counter() - t0
+    assert ids == enc.encode_ordinary(piece)
+    assert seconds < 10, f"{seconds:.1f}s for 100,000 Han characters"
+
+
+def test_long_runs_of_one_character_match_tiktoken(official):
+    tok, enc = official
+    for run in [" " * 20_000, "a" * 20_000, "ab" * 10_000, "7" * 20_000, "\n" * 20_000 + "x",
+                "中" * 20_000, "😀" * 5_000]:
+        assert tok.encode_ordinary(run) == enc.encode_ordinary(run), repr(run[:3])
+
+
+def test_heap_merge_equals_simple_merge(official):
+    tok, _ = official
+    rng = random.Random(3)
+    pieces = [mixed_text(rng.randint(1, 400), seed=k).encode("utf-8") for k in range(60)]
+    pieces += [b"a" * 301, b"ab" * 200, "中文".encode() * 100]
+    for piece in pieces:
+        assert bpe.merge_piece_heap(piece, tok.ranks) == bpe.merge_piece_simple(piece, tok.ranks)
+
+
+def test_merging_closed_segments_separately_changes_nothing(official):
+    tok, _ = official
+    texts = VARIED_TEXTS[12:23] + [mixed_text(5_000, seed=5)] + random_unicode_strings(300, seed=8)
+    pieces = {p for t in texts for p in regex_findall(tok.pattern, t.replace("\ud800", ""))}
+    for piece in pieces:
+        assert tok._encode_new_piece(piece) == bpe.encode_piece(piece.encode(), tok.ranks), piece
+
+
+# ---- special tokens ---------------------------------------------------------------------------
+
+def test_encode_refuses_disallowed_special_token_like_tiktoken(official):
+    tok, enc = official
+    text = "a document <|endoftext|> forged"
+    with pytest.raises(ValueError, match="<\\|endoftext\\|>"):
+        tok.encode(text)
+    with pytest.raises(ValueError):
+        enc.encode(text)
+
+
+def test_allowed_special_token_becomes_its_id(official):
+    tok, enc = official
+    text = "one<|endoftext|>two"
+    ids = tok.encode(text, allowed_special={"<|endoftext|>"})
+    assert ids == enc.encode(text, allowed_special={"<|endoftext|>"})
+    assert tok.eot_token in ids
+
+
+def test_encode_ordinary_and_empty_disallowed_treat_special_text_as_plain(official):
+    tok, enc = official
+    text = "one<|endoftext|>two"
+    assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+    assert tok.encode(text, disallowed_special=()) == enc.encode(text, disallowed_special=())
+    assert tok.eot_token not in tok.encode_ordinary(text)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def test_fast_trainer_makes_the_same_merges_as_the_naive_one():
+    text = mixed_text(55_000, seed=2)
+    assert len(text.encode("utf-8")) >= 50_000
+    chunks = bpe.count_chunks(text, bpe.GPT4_SPLIT_PATTERN, ["<|endoftext|>"])
+    naive_merges, naive_vocab = bpe.train_naive(chunks, 150)
+    fast_merges, fast_vocab = bpe.train_fast(chunks, 150)
+    assert len(fast_merges) >= 150
+    assert fast_merges == naive_merges
+    assert fast_vocab == naive_vocab
+
+
+def test_trainers_agree_on_overlapping_and_repeated_pairs():
+    # runs like "aaaa" and "ababab" are where counting overlapping pairs goes wrong
+    text = "aaaa aaa aaaaaaa abababab ab ababa bbbb " * 30 + "中中中中中 文文文"
+    chunks = bpe.count_chunks(text, bpe.GPT2_SPLIT_PATTERN)
+    assert bpe.train_fast(chunks, 40) == bpe.train_naive(chunks, 40)
+
+
+def test_ties_go_to_the_smallest_pair_ids():
+    chunks = {b"ba": 1, b"ab": 1}  # (98, 97) and (97, 98) both occur once
+    merges, _ = bpe.train_fast(chunks, 1)
+    assert merges == [((97, 98), 256)]
+
+
+def test_trained_vocab_size_counts_the_special_token(trained):
+    tok, _ = trained
+    assert tok.n_vocab == 400
+    assert tok.eot_token == 399
+    assert all(tok.ranks[bytes([b])] == b for b in range(256))  # ours: id = byte value
+
+
+def test_train_rejects_a_vocab_too_small_for_bytes_and_specials():
+    with pytest.raises(ValueError, match="at least 257"):
+        bpe.BPETokenizer.train("some text", 256)
+
+
+def test_trained_vocab_gives_same_ids_through_tiktoken(trained):
+    tok, path = trained
+    enc = bpe.get_tokenizer(str(path))
+    assert isinstance(enc, tiktoken.Encoding)
+    texts = VARIED_TEXTS + [mixed_text(3_000, seed=9)] + random_unicode_strings(300, seed=5)
+    for s in texts:
+        ids = tok.encode_ordinary(s)
+        assert ids == enc.encode_ordinary(s), repr(s)
+        if "\ud800" not in s:
+            assert tok.decode(ids) == s
+    text = "one<|endoftext|>two"
+    assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+
+
+def test_trained_vocab_compresses_its_training_text(trained):
+    tok, _ = trained
+    text = mixed_text(10_000, seed=1)
+    assert len(tok.encode(text)) < 0.5 * len(text.encode("utf-8"))
+
+
+# ---- saving -----------------------------------------------------------------------------------
+
+def test_save_writes_a_readable_file_and_load_restores_it(trained):
+    tok, path = trained
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[1] == "format: bpe-tokenizer-1"
+    assert any(line.startswith("pattern: ") for line in lines[:8])
+    assert "---" in lines
+    assert len(lines) == lines.index("---") + 1 + len(tok.ranks)
+    loaded = bpe.BPETokenizer.load(path)
+    assert loaded.ranks == tok.ranks
+    assert loaded.pattern == tok.pattern
+    assert loaded.special_tokens == tok.special_tokens
+    assert loaded.name == tok.name
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(_plain(v) for v in obj)
+    return isinstance(obj, (str, int))
+
+
+def test_tokenizer_dict_has_only_plain_types_and_round_trips(trained):
+    tok, _ = trained
+    d = bpe.tokenizer_to_dict(tok)
+    assert _plain(d)
+    back = bpe.tokenizer_from_dict(d)
+    assert back.ranks == tok.ranks and back.special_tokens == tok.special_tokens
+    enc = bpe.get_tokenizer(d)
+    assert enc.encode_ordinary("我们 model") == tok.encode_ordinary("我们 model")
+    assert bpe.get_tokenizer({"name": "gpt2"}).name == "gpt2"
+
+
+def test_tokenizer_dict_loads_with_torch_weights_only(trained, tmp_path):
+    torch = pytest.importorskip("torch")
+    tok, _ = trained
+    torch.save({"tokenizer": tok.to_dict()}, tmp_path / "ckpt.pt")
+    d = torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]
+    assert bpe.BPETokenizer.from_dict(d).ranks == tok.ranks
+
+
+def test_get_tokenizer_names_the_fix_for_an_unknown_name():
+    with pytest.raises(ValueError, match="bpe.py train"):
+        bpe.get_tokenizer("no_such_tokenizer")
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(HERE / "bpe.py"), *map(str, args)],
+                          capture_output=True, text=True, env=os.environ.copy())
+
+
+def test_cli_trains_and_reports(tmp_path):
+    corpus = tmp_path / "zh.txt"
+    corpus.write_text(mixed_text(20_000, seed=4), encoding="utf-8")
+    out = tmp_path / "zh300.bpe"
+    done = run_cli("train", corpus, "--vocab_size", 300, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "merge" in done.stderr  # progress
+    assert bpe.BPETokenizer.load(out).n_vocab == 300
+    done = run_cli("report", corpus, "--vocab", out)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout
+    assert "| gpt2 |" in table and "| cl100k_base |" in table and "| zh300.bpe |" in table
+    assert "chars/token" in table and "bytes/token" in table
+
+
+@pytest.mark.parametrize("case", ["missing", "not_utf8", "small_vocab", "missing_vocab",
+                                  "not_a_vocab"])
+def test_cli_bad_input_gives_one_clear_line_and_exit_1(tmp_path, case):
+    text_file = tmp_path / "ok.txt"
+    text_file.write_text("hello 你好", encoding="utf-8")
+    bad = tmp_path / "gbk.txt"
+    bad.write_bytes("你好世界".encode("gbk"))
+    args = {
+        "missing": ["train", tmp_path / "nope.txt", "--vocab_size", 300, "--out", tmp_path / "o"],
+        "not_utf8": ["train", bad, "--vocab_size", 300, "--out", tmp_path / "o"],
+        "small_vocab": ["train", text_file, "--vocab_size", 100, "--out", tmp_path / "o"],
+        "missing_vocab": ["report", text_file, "--vocab", tmp_path / "nope.bpe"],
+        "not_a_vocab": ["report", text_file, "--vocab", text_file],
+    }[case]
+    done = run_cli(*args)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
 
 
 # ==============================================================================================

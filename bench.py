@@ -1,0 +1,291 @@
+"""Benchmarks that print markdown tables: `python bench.py [model|bpe|data|train|sample|all]`.
+
+Not part of the tests: timings depend on the machine. Peer projects run side by side, in the same
+process and on the same inputs, when their checkouts are named:
+    NANOGPT_DIR=/path/to/nanoGPT  MINBPE_DIR=/path/to/minbpe  python bench.py all
+Corpora come from ../shared/corpus (see its README). Every table says what it measured.
+"""
+import contextlib
+import os
+import pathlib
+import platform
+import random
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+CORPUS = SHARED / "corpus"
+if (SHARED / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+
+import torch
+
+
+def machine():
+    """One line naming what the numbers were measured on."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def table(headers, rows):
+    """Print a markdown table."""
+    print("| " + " | ".join(headers) + " |")
+    print("|" + "|".join(" --- " for _ in headers) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+    print()
+
+
+def peer_dir(env_name):
+    """The checkout named by an environment variable, or None with a note."""
+    path = os.environ.get(env_name)
+    if not path or not pathlib.Path(path).is_dir():
+        print(f"({env_name} not set to a checkout: the peer column is skipped)\n")
+        return None
+    return pathlib.Path(path)
+
+
+def best_ms(fn, repeat, warmup=3):
+    """Median wall time of fn() in ms over `repeat` runs, after warm-up runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# model: forward + backward speed, and generation with / without the KV cache
+# ----------------------------------------------------------------------------------------------
+
+def load_nanogpt_model():
+    """nanoGPT's model.py (GPT, GPTConfig), imported from NANOGPT_DIR, or None."""
+    path = peer_dir("NANOGPT_DIR")
+    if path is None:
+        return None
+    sys.path.insert(0, str(path))
+    try:
+        import model as nanogpt_model
+    finally:
+        sys.path.remove(str(path))
+    return nanogpt_model
+
+
+def fwd_bwd_step(model, x, y, dtype):
+    """One forward + backward, under bfloat16 autocast when asked."""
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    with ctx:
+        _, loss = model(x, y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def bench_model():
+    from gpt import GPT, GPTConfig
+    print(f"## model — gpt-micro forward+backward, block 64, batch 12, vocab 65, no bias ({machine()})\n")
+    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 65, (12, 64), generator=g)
+    y = torch.randint(0, 65, (12, 64), generator=g)
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**shape))
+    nano_mod = load_nanogpt_model()
+    peer = None
+    if nano_mod is not None:
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            peer = nano_mod.GPT(nano_mod.GPTConfig(**shape))
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        # Alternate ours and the peer in short rounds so both see the same machine load.
+        ours_ms, peer_ms = [], []
+        for _ in range(5):
+            ours_ms.append(best_ms(lambda: fwd_bwd_step(ours, x, y, dtype), repeat=20))
+            if peer is not None:
+                peer_ms.append(best_ms(lambda: fwd_bwd_step(peer, x, y, dtype), repeat=20))
+        o = min(ours_ms)
+        p = min(peer_ms) if peer_ms else None
+        rows.append([dtype, f"{o:.2f}", f"{p:.2f}" if p else "—", f"{p / o:.2f}×" if p else "—",
+                     f"{12 * 64 / o * 1000:,.0f}"])
+    table(["dtype", "ours ms/iter", "nanoGPT ms/iter", "nanoGPT / ours", "ours tokens/s"], rows)
+
+    print(f"## model — gpt-mini generation, 256 new tokens from a 1-token prompt, block 512, vocab 50257 ({machine()})\n")
+    torch.manual_seed(0)
+    mini = GPT(GPTConfig.from_preset("gpt-mini", vocab_size=50257, block_size=512)).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    rows, rates = [], {}
+    for use_cache in (True, False):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            mini.generate(prompt, 256, temperature=0, use_cache=use_cache)
+            best = min(best, time.perf_counter() - t0)
+        rates[use_cache] = 256 / best
+        rows.append(["with KV cache" if use_cache else "without cache", f"{best:.2f}", f"{256 / best:,.0f}"])
+    rows.append(["speed-up", "", f"{rates[True] / rates[False]:.1f}×"])
+    table(["generation", "seconds", "tokens/s"], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# bpe: training and encoding speed against minbpe and tiktoken, the Chinese report
+# ----------------------------------------------------------------------------------------------
+
+def _read_mb(name, mb):
+    """The first `mb` MB of a corpus file, cut at a character boundary."""
+    data = (CORPUS / name).read_bytes()[:int(mb * 1_000_000)]
+    return data.decode("utf-8", errors="ignore")
+
+
+def _seconds(fn, repeat=1):
+    """Best wall time of `repeat` runs (the machine is shared, so the best is the least noisy)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _minbpe():
+    """minbpe's package from MINBPE_DIR, or None."""
+    path = os.environ.get("MINBPE_DIR")
+    if not path or not (pathlib.Path(path) / "minbpe").is_dir():
+        return None
+    sys.path.insert(0, path)
+    import minbpe
+    return minbpe
+
+
+def _bench_training(bpe, minbpe):
+    print("\n### BPE training time (tang_poems.txt, GPT-4 split pattern)\n")
+    print("| trainer | text | vocab | seconds | goal |")
+    print("|---|---|---:|---:|---|")
+    runs = [(1, 300, ""), (1, 1024, "≤ 2 s"), (5, 4096, "≤ 30 s")]
+    for mb, vocab, goal in runs:
+        text = _read_mb("tang_poems.txt", mb)
+        s = _seconds(lambda: bpe.BPETokenizer.train(text, vocab))
+        print(f"| bpe.py BPETokenizer.train | first {mb} MB | {vocab} | {s:.2f} | {goal} |")
+    if minbpe is not None:
+        text = _read_mb("tang_poems.txt", 1)
+        s = _seconds(lambda: minbpe.RegexTokenizer().train(text, 300))
+        print(f"| minbpe RegexTokenizer.train | first 1 MB | 300 | {s:.2f} "
+              f"| (same shape as row 1) |")
+    else:
+        print("| minbpe | — | — | — | set MINBPE_DIR to a minbpe checkout to compare |")
+
+
+def _bench_encoding(bpe, minbpe):
+    import tiktoken
+
+    print("\n### Encoding speed with cl100k_base ranks (MB/s, higher is better)\n")
+    print("| text | bpe.py | tiktoken (1 thread) | minbpe GPT4Tokenizer | bpe.py / tiktoken "
+          "| goal |")
+    print("|---|---:|---:|---:|---:|---|")
+    ours = bpe.BPETokenizer.from_tiktoken("cl100k_base")
+    ours.encode_ordinary("预热 warm-up")  # builds the per-vocabulary boundary table once
+    enc = tiktoken.get_encoding("cl100k_base")
+    theirs = minbpe.GPT4Tokenizer() if minbpe is not None else None
+    goals = {"tinyshakespeare.txt": "≥ 1/4", "tang_poems.txt": "", "zh_wiki_sample.txt": "≥ 1/8"}
+    for name, goal in goals.items():
+        text = _read_mb(name, 1)
+        mb = len(text.encode("utf-8")) / 1e6
+
+        def run_ours():
+            ours._cache.clear()
+            ours._segment_cache.clear()  # cold caches: every piece is new at first
+            assert ours.encode_ordinary(text) == expected
+
+        expected = enc.encode_ordinary(text)
+        t_ours = _seconds(run_ours, repeat=2)
+        t_tik = _seconds(lambda: enc.encode_ordinary(text), repeat=3)
+        cell = "—"
+        if theirs is not None:
+            slice_ = text[:len(text) // 10]  # 100 KB: minbpe is too slow for a whole MB
+            t_min = _seconds(lambda: theirs.encode_ordinary(slice_))
+            cell = f"{len(slice_.encode('utf-8')) / 1e6 / t_min:.3f} (on 100 KB)"
+        print(f"| {name} (1 MB) | {mb / t_ours:.2f} | {mb / t_tik:.2f} | {cell} | "
+              f"1/{t_ours / t_tik:.1f} | {goal} |")
+
+
+def _bench_long_piece(bpe):
+    import tiktoken
+
+    print("\n### One pre-token of N random Han characters (cl100k_base)\n")
+    print("| N chars | bpe.py encode_ordinary (s) | bpe.py heap merge alone, no segmenting (s) | "
+          "tiktoken (s) |")
+    print("|---:|---:|---:|---:|")
+    ours = bpe.BPETokenizer.from_tiktoken("cl100k_base")
+    ours.encode_ordinary("预热 warm-up")  # builds the per-vocabulary boundary table once
+    enc = tiktoken.get_encoding("cl100k_base")
+    rng = random.Random(0)
+    for n in (25_000, 50_000, 100_000):
+        piece = "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(n))
+        data = piece.encode("utf-8")
+        expected = enc.encode_ordinary(piece)
+        t_enc = _seconds(lambda: ours.encode_ordinary(piece))
+        t_heap = _seconds(lambda: bpe.merge_piece_heap(data, ours.ranks))
+        t_tik = _seconds(lambda: enc.encode_ordinary(piece))
+        assert ours.encode_ordinary(piece) == expected == bpe.merge_piece_heap(data, ours.ranks)
+        print(f"| {n:,} | {t_enc:.2f} | {t_heap:.2f} | {t_tik:.2f} |")
+
+
+def _bench_report(bpe):
+    print("\n### Tokenizers on zh_wiki_sample.txt (5.7 MB)\n")
+    train_text = _read_mb("zh_wiki_sample.txt", 4)
+    encodings = [(name, bpe.get_tokenizer(name)) for name in ("gpt2", "cl100k_base")]
+    notes = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for vocab in (4096, 16384):
+            t0 = time.perf_counter()
+            tok = bpe.BPETokenizer.train(train_text, vocab, name=f"ours-{vocab}")
+            notes.append(f"ours-{vocab}: trained in {time.perf_counter() - t0:.1f} s")
+            path = pathlib.Path(tmp) / f"ours-{vocab}.bpe"
+            tok.save(path)
+            encodings.append((f"ours-{vocab} (bpe.py)", bpe.get_tokenizer(str(path))))
+        text = (CORPUS / "zh_wiki_sample.txt").read_text(encoding="utf-8")
+        print(bpe.token_report(text, encodings))
+    print(f"\nOur vocabularies were trained on the first 4 MB of the same file "
+          f"({'; '.join(notes)}).")
+
+
+def bench_bpe():
+    """Markdown tables for the tokenizer lesson (bpe.py)."""
+    import bpe
+
+    if not CORPUS.is_dir():
+        print(f"bench bpe: no corpus at {CORPUS}; skipped")
+        return
+    minbpe = _minbpe()
+    print(f"## bpe.py  (machine: {os.cpu_count()} CPU cores; "
+          f"minbpe: {os.environ.get('MINBPE_DIR') or 'not set'})")
+    _bench_training(bpe, minbpe)
+    _bench_encoding(bpe, minbpe)
+    _bench_long_piece(bpe)
+    _bench_report(bpe)
+
+
+if __name__ == "__main__":
+    bench_bpe()
+
+
+SECTIONS = {
+    "bpe": bench_bpe,
+    "model": bench_model,
+}
+
+
+def main():
+    wanted = sys.argv[1:] or ["all"]
+    names = list(SECTIONS) if "all" in wanted else wanted
+    for name in names:
+        if name not in SECTIONS:
+            sys.exit(f"error: unknown section {name!r} — choose from: {', '.join(SECTIONS)}, all")
+        SECTIONS[name]()
+
+
+if __name__ == "__main__":
+    main()
