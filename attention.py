@@ -198,11 +198,6 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)       # a residual projection
         self.resid_dropout = nn.Dropout(dropout)
 
-    def split_heads(self, t):
-        """(B, T, C) → (B, H, T, D): give every head its own slice of the channels."""
-        B, T, C = t.shape
-        return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-
     def forward(self, x, cache=None, layer=0):
         """x: (B, T, C) → (B, T, C).
 
@@ -210,8 +205,11 @@ class CausalSelfAttention(nn.Module):
         and values are appended to layer `layer`'s entry, and the queries attend to all of it.
         """
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)                 # 3 × (B, T, C)
-        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, H, T, D)
+        H = self.n_head
+        # Split the 3C outputs into q, k, v and each C into H heads of width D = C / H, then
+        # move the head axis forward so every head is an independent (T, D) problem.
+        qkv = self.c_attn(x).view(B, T, 3, H, C // H)            # (B, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)           # 3 × (B, H, T, D)
         if cache is not None:
             k, v = cache.append(layer, k, v)                     # (B, H, T_cached + T, D)
         p = self.dropout if self.training else 0.0

@@ -272,7 +272,59 @@ if __name__ == "__main__":
     bench_bpe()
 
 
+# ----------------------------------------------------------------------------------------------
+# sample: streamed generation speed, with and without the KV cache
+# ----------------------------------------------------------------------------------------------
+
+def seconds_for(fn, repeat=2):
+    """Best wall time of fn() over `repeat` runs, after one warm-up run."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_sample(new_tokens=256, vocab_sizes=(50257, 8192)):
+    """gpt-mini (random init), block_size 512, prompt "人工智能" in gpt2 tokens, 256 new tokens,
+    greedy, streamed and decoded to text by sample.stream_text, not stopping at <|endoftext|>."""
+    from bpe import get_tokenizer
+    from gpt import GPT, GPTConfig
+    from sample import encode_prompt, stream_text
+
+    enc = get_tokenizer("gpt2")
+    print(f"## sample — gpt-mini streamed generation, {new_tokens} new tokens after a "
+          f"{len(enc.encode('人工智能'))}-token prompt, block 512, random weights, greedy ({machine()})\n")
+    # One thread and all of them: each cached step is a few small matmuls, where waking extra
+    # threads can cost more than they save (much more when other processes hold the cores).
+    threads = sorted({1, torch.get_num_threads()})
+    default_threads = torch.get_num_threads()
+    rows = []
+    for vocab_size in vocab_sizes:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_preset("gpt-mini", vocab_size=vocab_size, block_size=512)).eval()
+        # gpt2's ids of the prompt folded into the vocabulary; the text is irrelevant to speed.
+        ids = [i % vocab_size for i in encode_prompt(enc, "人工智能", 512)]
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            rate = {}
+            for use_cache in (True, False):
+                def generate():
+                    return "".join(stream_text(model, enc, ids, new_tokens, temperature=0,
+                                               use_cache=use_cache, stop_at_eot=False))
+                seconds = seconds_for(generate)
+                rate[use_cache] = new_tokens / seconds
+                rows.append([f"{vocab_size:,}", n_threads, "with KV cache" if use_cache else "without cache",
+                             f"{seconds:.2f}", f"{rate[use_cache]:,.0f}", ""])
+            rows[-1][-1] = f"{rate[True] / rate[False]:.1f}×"
+    torch.set_num_threads(default_threads)
+    table(["vocab", "threads", "generation", "seconds", "tokens/s", "cache speed-up"], rows)
+
+
 SECTIONS = {
+    "sample": bench_sample,
     "bpe": bench_bpe,
     "model": bench_model,
 }

@@ -127,7 +127,7 @@ class GPT(nn.Module):
             x = block(x, cache=cache, layer=i)                   # (B, T, C)
         x = self.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None             # (B, 1, vocab)
+            return self.lm_head(x[:, -1:, :]), None              # (B, 1, vocab)
         logits = self.lm_head(x)                                 # (B, T, vocab)
         # Cross-entropy = −log p(correct next token), averaged: in nats (natural log) per token.
         # A model that guesses uniformly scores ln(vocab_size); perplexity is e^loss.

@@ -715,6 +715,391 @@ def test_cli_bad_input_gives_one_clear_line_and_exit_1(tmp_path, case):
 
 
 # ==============================================================================================
+# sample.py
+# ==============================================================================================
+import contextlib
+import io
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sample
+from bpe import BPETokenizer, get_tokenizer
+from gpt import GPT, GPTConfig
+
+_ROOT = pathlib.Path(__file__).resolve().parent
+
+# A small Chinese text of our own, with emoji, for the tiny models below.
+ZH_TEXT = (
+    "人工智能是计算机科学的一个分支，它研究如何让机器像人一样思考和学习。"
+    "语言模型读入一段文字，然后预测下一个字。😀 模型越大，读过的文字越多，预测就越准确。"
+    "今天天气很好，我们去公园散步，看见鹦鹉在树上说你好。🦜 小朋友们都笑了。"
+    "学习需要耐心：先读懂每一行代码，再动手训练一个小模型，最后用它来写诗。🌏\n"
+) * 4
+
+# Han characters and emoji that byte-level vocabularies split across tokens:
+# cl100k_base cuts 智 in two, gpt2 cuts nearly every character, both cut the emoji.
+SPLIT_TEXT = "人工智能很有趣😀，鹦鹉🦜说：你好，世界🌏！"
+
+
+def _env():
+    """The subprocess environment: offline tiktoken files, one thread, a console that is NOT UTF-8."""
+    env = dict(os.environ)
+    env["PYTHONIOENCODING"] = "ascii"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny models run fastest on one thread: with more, each small op pays for thread wake-ups,
+    many times over when other processes hold the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    with _one_thread():
+        yield
+
+
+def _train_tiny_checkpoint(path, enc, tokenizer_entry, tokenizer_arg, steps=8, block_size=32):
+    """A gpt-nano trained a few AdamW steps on ZH_TEXT, saved with every checkpoint key."""
+    with _one_thread():
+        return _train_and_save(path, enc, tokenizer_entry, tokenizer_arg, steps, block_size)
+
+
+def _train_and_save(path, enc, tokenizer_entry, tokenizer_arg, steps, block_size):
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("gpt-nano", vocab_size=enc.n_vocab, block_size=block_size)
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.tensor(enc.encode_ordinary(ZH_TEXT), dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - block_size - 1, (8,), generator=g)
+        x = torch.stack([data[s:s + block_size] for s in starts])
+        y = torch.stack([data[s + 1:s + block_size + 1] for s in starts])
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    torch.save({
+        "model": model.state_dict(), "model_config": config.to_dict(), "tokenizer": tokenizer_entry,
+        "optimizer": optimizer.state_dict(), "scaler": None, "iter_num": steps, "epoch": 0,
+        "best_val_loss": loss.item(), "rng": None, "data_state": {"epoch": 0, "position": 0},
+        "train_args": {"model_type": "gpt-nano", "tokenizer": tokenizer_arg, "dataset": "tiny-zh"},
+    }, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt_gpt2") / "best_model.pt"
+    return _train_tiny_checkpoint(path, get_tokenizer("gpt2"), {"name": "gpt2"}, "gpt2", steps=3)
+
+
+@pytest.fixture(scope="module")
+def own_bpe():
+    return BPETokenizer.train(ZH_TEXT, 320, name="zh320")
+
+
+@pytest.fixture(scope="module")
+def bpe_checkpoint(tmp_path_factory, own_bpe):
+    path = tmp_path_factory.mktemp("ckpt_bpe") / "best_model.pt"
+    entry = own_bpe.to_dict()
+    return _train_tiny_checkpoint(path, get_tokenizer(entry), entry, "bpe")
+
+
+def _run_main(capsys, argv):
+    rc = sample.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---- streaming without "�" ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k_base"])
+def test_streamed_text_has_no_replacement_char_and_equals_decoding_all_tokens(name):
+    enc = get_tokenizer(name)
+    ids = enc.encode(SPLIT_TEXT)
+    # The premise: some tokens are not whole characters, so token-by-token decoding breaks them.
+    assert "\ufffd" in "".join(enc.decode([t]) for t in ids)
+    pieces = list(sample.decode_stream(enc, iter(ids)))
+    streamed = "".join(pieces)
+    assert "\ufffd" not in streamed
+    assert streamed == enc.decode(ids) == SPLIT_TEXT
+    assert len(pieces) > 1                      # it really streamed, piece by piece
+
+
+def test_a_character_split_across_tokens_appears_only_when_complete():
+    enc = get_tokenizer("cl100k_base")
+    ids = enc.encode("智")                      # E6 99 | BA: two tokens, one character
+    assert len(ids) == 2
+    assert list(sample.decode_stream(enc, iter(ids))) == ["智"]
+
+
+def test_a_sample_that_stops_mid_character_ends_with_one_replacement_char():
+    enc = get_tokenizer("cl100k_base")
+    ids = enc.encode("人工智")[:-1]             # the last byte of 智 never arrives
+    assert "".join(sample.decode_stream(enc, ids)) == "人工\ufffd" == enc.decode(ids)
+
+
+def test_token_ids_beyond_the_tokenizer_decode_to_nothing():
+    enc = get_tokenizer("gpt2")                 # a model's vocab may be padded to 50304
+    assert "".join(sample.decode_stream(enc, [enc.encode("你")[0], 50300, enc.encode("你")[1]])) == "你"
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Stands in for a GPT: stream() yields a fixed list of token ids."""
+
+    def __init__(self, ids):
+        super().__init__()
+        self.ids = ids
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def stream(self, idx, max_new_tokens, *args, **kwargs):
+        for t in self.ids[:max_new_tokens]:
+            yield torch.tensor([t])
+
+
+def test_generation_stops_at_the_end_of_text_token():
+    enc = get_tokenizer("gpt2")
+    ids = enc.encode("你好") + [enc.eot_token] + enc.encode("再见")
+    text = "".join(sample.stream_text(_ScriptedModel(ids), enc, [enc.eot_token], max_new_tokens=50))
+    assert text == "你好"
+
+
+# ---- prompts -----------------------------------------------------------------------------------
+
+def test_empty_prompt_starts_from_the_end_of_text_token():
+    enc = get_tokenizer("gpt2")
+    assert sample.encode_prompt(enc, "", block_size=32) == [enc.eot_token]
+
+
+def test_prompt_longer_than_the_context_keeps_its_last_block_size_tokens_with_a_note(capsys):
+    enc = get_tokenizer("gpt2")
+    prompt = "人工智能" * 20
+    ids = sample.encode_prompt(enc, prompt, block_size=32)
+    assert ids == enc.encode(prompt)[-32:]
+    assert "note:" in capsys.readouterr().err
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+def test_sample_cli_continues_the_prompt_in_utf8_even_on_an_ascii_console(gpt2_checkpoint):
+    result = subprocess.run(
+        [sys.executable, "sample.py", "--checkpoint", str(gpt2_checkpoint), "--prompt", "人工智能",
+         "--max_new_tokens", "20", "--device", "cpu"],
+        cwd=_ROOT, env=_env(), capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+    assert result.stdout.decode("utf-8").startswith("人工智能")
+
+
+def test_sample_cli_works_with_our_own_bpe_carried_inside_the_checkpoint(bpe_checkpoint):
+    result = subprocess.run(
+        [sys.executable, "sample.py", "--checkpoint", str(bpe_checkpoint), "--prompt", "人工智能",
+         "--max_new_tokens", "20", "--num_samples", "2", "--no_stream"],
+        cwd=_ROOT, env=_env(), capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+    out = result.stdout.decode("utf-8")
+    assert out.startswith("人工智能") and out.count("人工智能") >= 2
+
+
+def test_the_checkpoint_rebuilds_our_own_bpe_with_the_same_ids(bpe_checkpoint, own_bpe):
+    model, enc, ckpt = sample.load_checkpoint(bpe_checkpoint)
+    assert enc.encode(SPLIT_TEXT) == own_bpe.encode(SPLIT_TEXT)
+    assert model.config.vocab_size == own_bpe.n_vocab and not model.training
+
+
+# ---- reproducibility and the KV cache ----------------------------------------------------------
+
+def test_the_same_seed_gives_the_same_samples(capsys, one_thread, bpe_checkpoint):
+    argv = ["--checkpoint", str(bpe_checkpoint), "--prompt", "今天", "--num_samples", "2",
+            "--max_new_tokens", "30", "--temperature", "1.0", "--top_k", "50", "--top_p", "0.95"]
+    first = _run_main(capsys, argv + ["--seed", "7"])
+    again = _run_main(capsys, argv + ["--seed", "7"])
+    other = _run_main(capsys, argv + ["--seed", "8"])
+    assert first[0] == again[0] == other[0] == 0
+    assert first[1] == again[1]
+    assert first[1] != other[1]
+
+
+def test_no_stream_prints_the_same_text_as_streaming(capsys, one_thread, bpe_checkpoint):
+    argv = ["--checkpoint", str(bpe_checkpoint), "--prompt", "今天", "--max_new_tokens", "30"]
+    assert _run_main(capsys, argv)[1] == _run_main(capsys, argv + ["--no_stream"])[1]
+
+
+def test_greedy_output_is_the_same_with_and_without_the_kv_cache(one_thread, bpe_checkpoint):
+    model, enc, _ = sample.load_checkpoint(bpe_checkpoint)
+    ids = sample.encode_prompt(enc, "人工智能", model.config.block_size)
+    # 60 new tokens > block_size 32: the window also slides past the context.
+    runs = [list(sample.stream_text(model, enc, ids, 60, temperature=0, use_cache=c, stop_at_eot=False))
+            for c in (True, False)]
+    assert "".join(runs[0]) == "".join(runs[1])
+
+
+def test_the_no_cache_flag_gives_the_same_greedy_text(capsys, one_thread, bpe_checkpoint):
+    argv = ["--checkpoint", str(bpe_checkpoint), "--prompt", "人工智能", "--max_new_tokens", "40",
+            "--temperature", "0"]
+    cached, recomputed = _run_main(capsys, argv), _run_main(capsys, argv + ["--no_cache"])
+    assert cached[0] == recomputed[0] == 0 and cached[1] == recomputed[1]
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+
+def _random_model(vocab_size, block_size):
+    torch.manual_seed(1)
+    return GPT(GPTConfig.from_preset("gpt-nano", vocab_size=vocab_size, block_size=block_size)).eval()
+
+
+def test_score_equals_the_direct_loss_when_the_text_fits_the_context(one_thread, own_bpe):
+    enc = get_tokenizer(own_bpe.to_dict())
+    text = "人工智能是计算机科学的一个分支。"
+    tokens = enc.encode_ordinary(text)
+    model = _random_model(enc.n_vocab, block_size=len(tokens) + 4)
+    x = torch.tensor([[enc.eot_token] + tokens[:-1]])
+    y = torch.tensor([tokens])
+    with torch.no_grad():
+        _, direct = model(x, y)
+    result = sample.score_text(model, enc, text)
+    assert result["tokens"] == len(tokens) and result["bytes"] == len(text.encode("utf-8"))
+    assert result["nats_per_token"] == pytest.approx(direct.item(), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(direct.item()), rel=1e-5)
+
+
+def test_score_over_sliding_windows_scores_each_token_once_with_its_window_context(one_thread, own_bpe):
+    enc = get_tokenizer(own_bpe.to_dict())
+    text = ZH_TEXT[:150]
+    T, stride = 16, 8
+    model = _random_model(enc.n_vocab, block_size=T)
+    seq = [enc.eot_token] + enc.encode_ordinary(text)
+    assert len(seq) > 3 * T
+    # Reference, one token at a time: window k holds inputs seq[k·s : k·s+T] and predicts
+    # targets k·s+1 … k·s+T; target t belongs to the first window that reaches it.
+    total = 0.0
+    with torch.no_grad():
+        for t in range(1, len(seq)):
+            begin = max(0, math.ceil((t - T) / stride)) * stride
+            logits, _ = model(torch.tensor([seq[begin:t]]), torch.tensor([seq[begin + 1:t + 1]]))
+            total -= torch.log_softmax(logits[0, -1], dim=-1)[seq[t]].item()
+    result = sample.score_text(model, enc, text, stride=stride)
+    assert result["tokens"] == len(seq) - 1
+    assert result["nats_per_token"] * result["tokens"] == pytest.approx(total, rel=1e-5)
+    # The default stride is block_size // 2.
+    assert sample.score_text(model, enc, text) == result
+
+
+def test_bits_per_byte_is_total_nats_over_ln2_over_utf8_bytes(one_thread, own_bpe):
+    enc = get_tokenizer(own_bpe.to_dict())
+    text = ZH_TEXT[:100]
+    result = sample.score_text(_random_model(enc.n_vocab, block_size=16), enc, text)
+    total_nats = result["nats_per_token"] * result["tokens"]
+    assert result["bits_per_byte"] == pytest.approx(total_nats / math.log(2) / len(text.encode("utf-8")))
+
+
+def test_score_cli_prints_loss_perplexity_and_bits_per_byte(capsys, one_thread, tmp_path, bpe_checkpoint):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(ZH_TEXT[:200], encoding="utf-8")
+    rc, out, err = _run_main(capsys, ["--checkpoint", str(bpe_checkpoint), "--score", str(text_file)])
+    assert rc == 0, err
+    model, enc, _ = sample.load_checkpoint(bpe_checkpoint)
+    expected = sample.score_text(model, enc, ZH_TEXT[:200])
+    assert f"{expected['nats_per_token']:.4f} nats/token" in out
+    assert f"perplexity:    {expected['perplexity']:.2f}" in out
+    assert f"bits per byte: {expected['bits_per_byte']:.4f}" in out
+
+
+# ---- checkpoints, flags and errors -------------------------------------------------------------
+
+def test_default_checkpoint_is_the_newest_best_model(tmp_path):
+    for i, run in enumerate(["gpt-micro", "gpt-nano"]):
+        (tmp_path / run).mkdir()
+        path = tmp_path / run / "best_model.pt"
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - 100 + i, time.time() - 100 + i))
+    assert sample.newest_checkpoint(tmp_path) == tmp_path / "gpt-nano" / "best_model.pt"
+
+
+def test_flags_that_agree_with_the_checkpoint_are_accepted(capsys, one_thread, gpt2_checkpoint):
+    argv = ["--checkpoint", str(gpt2_checkpoint), "--max_new_tokens", "3",
+            "--tokenizer", "gpt2", "--model_type", "gpt-nano"]
+    assert _run_main(capsys, argv)[0] == 0
+
+
+@pytest.mark.parametrize("flag,value,held", [("--tokenizer", "cl100k_base", "gpt2"),
+                                             ("--model_type", "gpt-mini", "gpt-nano")])
+def test_flags_that_disagree_with_the_checkpoint_say_what_it_holds(capsys, gpt2_checkpoint, flag, value, held):
+    rc, out, err = _run_main(capsys, ["--checkpoint", str(gpt2_checkpoint), flag, value])
+    assert rc == 1 and out == ""
+    assert err.startswith(f"error: {flag} {value} does not match") and held in err
+
+
+def _bad_file(tmp_path, kind, gpt2_checkpoint):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "truncated":
+        data = gpt2_checkpoint.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n")
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    return path
+
+
+@pytest.mark.parametrize("kind,says", [
+    ("missing", "train one with: python train.py --model_type gpt-micro --dataset chinese"),
+    ("truncated", "truncated"),
+    ("text", "not a PyTorch checkpoint"),
+    ("tensor", "not a checkpoint of this project"),
+])
+def test_a_bad_checkpoint_is_one_clear_error_line(capsys, tmp_path, gpt2_checkpoint, kind, says):
+    path = _bad_file(tmp_path, kind, gpt2_checkpoint)
+    rc, out, err = _run_main(capsys, ["--checkpoint", str(path)])
+    assert rc == 1 and out == ""
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content,says", [(b"", "is empty"), (b" \n", "is empty"),
+                                          ("人工智能".encode("gbk"), "not UTF-8")])
+def test_a_score_file_that_is_empty_or_not_utf8_is_one_clear_error_line(capsys, tmp_path, gpt2_checkpoint,
+                                                                          content, says):
+    text_file = tmp_path / "text.txt"
+    text_file.write_bytes(content)
+    rc, out, err = _run_main(capsys, ["--checkpoint", str(gpt2_checkpoint), "--score", str(text_file)])
+    assert rc == 1 and out == ""
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1
+
+
+def test_with_no_checkpoint_flag_and_none_trained_the_error_says_how_to_train_one(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run_main(capsys, ["--prompt", "人工智能"])
+    assert rc == 1 and out == ""
+    assert err == f"error: no checkpoint found under checkpoints/ — train one with: {sample.TRAIN_HINT}\n"
+
+
+# ---- interactive -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("typed", ["人工智能\n今天\nexit\n", "人工智能\n今天\n"])   # `exit`, or Ctrl-D
+def test_interactive_mode_answers_each_prompt_until_exit_or_end_of_input(capsys, one_thread, monkeypatch,
+                                                                         bpe_checkpoint, typed):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+    rc, out, err = _run_main(capsys, ["--checkpoint", str(bpe_checkpoint), "--interactive",
+                                      "--max_new_tokens", "10"])
+    assert rc == 0, err
+    assert ">>> 人工智能" in out and ">>> 今天" in out and out.count(">>> ") == 3
+
+
+# ==============================================================================================
 # project layout
 # ==============================================================================================
 
