@@ -715,6 +715,390 @@ def test_cli_bad_input_gives_one_clear_line_and_exit_1(tmp_path, case):
 
 
 # ==============================================================================================
+# data.py
+# ==============================================================================================
+import hashlib
+import http.server
+import json
+import socket
+import threading
+import zipfile
+
+import pytest
+import tiktoken
+import torch
+
+import data
+
+EOT = "<|endoftext|>"
+
+
+# ---- a local HTTP server that misbehaves on request ---------------------------------------------
+
+class _FaultyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files; server.mode picks the fault:
+    "ok": honours Range; "cut": the first answer stops at 40 % and the connection closes;
+    "ignore_range": like "cut", then answers 200 with the whole file even to a Range request;
+    "500x2": the first two answers are 500."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        server = self.server
+        server.ranges.append(self.headers.get("Range"))
+        n = len(server.ranges)
+        body = server.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        if server.mode == "500x2" and n <= 2:
+            self.send_error(500)
+            return
+        start, wanted = 0, self.headers.get("Range")
+        if wanted and server.mode != "ignore_range":
+            start = int(wanted.split("=")[1].rstrip("-"))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if server.mode in ("cut", "ignore_range") and n == 1:
+            server.cut_at = int(0.4 * len(body))
+            self.wfile.write(body[:server.cut_at])
+            self.wfile.flush()
+            self.close_connection = True  # hang up with 60 % of the promised bytes unsent
+            return
+        self.wfile.write(body[start:])
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FaultyHandler)
+    httpd.files, httpd.mode, httpd.ranges = {}, "ok", []
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(data, "BACKOFF_S", 0.01)
+
+
+PAYLOAD = bytes(range(256)) * 1200  # 307,200 bytes
+PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+# ---- download -----------------------------------------------------------------------------------
+
+def test_download_resumes_a_cut_transfer_with_a_range_request(server, tmp_path):
+    server.files["/f.bin"], server.mode = PAYLOAD, "cut"
+    dest = data.download(server.url + "/f.bin", tmp_path / "f.bin", sha256=PAYLOAD_SHA)
+    assert dest.read_bytes() == PAYLOAD
+    assert server.ranges[0] is None and len(server.ranges) == 2
+    resumed_from = int(server.ranges[1].split("=")[1].rstrip("-"))
+    assert resumed_from == server.cut_at  # asked for exactly the bytes that were missing
+    assert not (tmp_path / "f.bin.part").exists()
+
+
+def test_download_restarts_cleanly_when_server_ignores_range(server, tmp_path):
+    server.files["/f.bin"], server.mode = PAYLOAD, "ignore_range"
+    dest = data.download(server.url + "/f.bin", tmp_path / "f.bin", sha256=PAYLOAD_SHA)
+    assert server.ranges[1] is not None  # it asked to resume, got 200, and started over
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_download_succeeds_after_two_server_errors(server, tmp_path):
+    server.files["/f.bin"], server.mode = PAYLOAD, "500x2"
+    dest = data.download(server.url + "/f.bin", tmp_path / "f.bin", sha256=PAYLOAD_SHA)
+    assert dest.read_bytes() == PAYLOAD and len(server.ranges) == 3
+
+
+def test_download_checksum_mismatch_raises_and_leaves_nothing(server, tmp_path):
+    server.files["/f.bin"] = PAYLOAD
+    with pytest.raises(data.DataError, match="checksum mismatch"):
+        data.download(server.url + "/f.bin", tmp_path / "f.bin", sha256="0" * 64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_404_fails_at_once_with_a_clear_error(server, tmp_path):
+    with pytest.raises(data.DataError, match="404"):
+        data.download(server.url + "/missing.json", tmp_path / "x.json")
+    assert len(server.ranges) == 1  # no retries
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_unreachable_host_says_how_to_train_offline(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(data.DataError, match=r"offline.*--dataset path/to/file\.txt"):
+        data.download(f"http://127.0.0.1:{port}/x.json", tmp_path / "x.json", timeout=2)
+
+
+# ---- built-in datasets, served locally ------------------------------------------------------------
+
+ARTICLES = [f"第{i}篇文章\n人工智能（AI）是计算机科学的一个分支。\nLine {i} with \"quotes\" & emoji 🙂.\n"
+            * (1 + i % 3) for i in range(40)]
+
+
+def _decode(folder, split, name="gpt2"):
+    return tiktoken.get_encoding(name).decode(data.load_tokens(folder, split).tolist())
+
+
+def test_chinese_wikipedia_downloads_parses_and_tokenizes_end_to_end(server, tmp_path, monkeypatch):
+    records = [{"completion": a, "source": "wikipedia.zh2307"} for a in ARTICLES]
+    server.files["/wiki.json"] = json.dumps(records, ensure_ascii=False, indent=4).encode("utf-8")
+    monkeypatch.setitem(data.DATASETS["chinese"], "url", server.url + "/wiki.json")
+    monkeypatch.setattr(data, "JSON_BLOCK_CHARS", 700)  # force many refills of the sliding buffer
+    folder = data.prepare("chinese", "gpt2", data_dir=tmp_path, num_proc=1, verbose=False)
+    assert folder == tmp_path / "chinese" / "gpt2"
+    assert (tmp_path / "raw" / "chinese" / "wikipedia-cn-20230720-filtered.json").is_file()
+    train, val = _decode(folder, "train"), _decode(folder, "val")
+    assert train + val == "".join(a + EOT for a in ARTICLES)
+    n_val = val.count(EOT)
+    assert 1 <= n_val <= 8 and val == "".join(a + EOT for a in ARTICLES[-n_val:])  # a tail
+
+
+def test_wikitext_zip_is_read_per_article_from_its_own_splits(server, tmp_path, monkeypatch):
+    train = " \n = Alpha = \n \n Alpha text .\n = = Section = = \n more .\n = Beta = \n Beta text .\n"
+    valid = " \n = Gamma = \n Gamma text .\n"
+    zip_path = tmp_path / "w.zip"
+    with zipfile.ZipFile(zip_path, "w") as z:
+        z.writestr("wikitext-2-raw/wiki.train.raw", train)
+        z.writestr("wikitext-2-raw/wiki.valid.raw", valid)
+    server.files["/w.zip"] = zip_path.read_bytes()
+    monkeypatch.setitem(data.DATASETS["wikitext2"], "url", server.url + "/w.zip")
+    folder = data.prepare("wikitext2", "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    assert _decode(folder, "train") == (" \n = Alpha = \n \n Alpha text .\n = = Section = = \n more .\n"
+                                        + EOT + " = Beta = \n Beta text .\n" + EOT)
+    assert _decode(folder, "val") == valid + EOT
+
+
+# ---- local text -> .bin ----------------------------------------------------------------------
+
+TEXT = "".join(f"第{i}行：人工智能 is fun, isn't it?  \t{i * 7}\n" for i in range(300)) + "最后一行没有换行"
+
+
+def test_folder_with_train_and_validation_decodes_to_the_exact_text(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text(TEXT, encoding="utf-8")
+    (corpus / "validation.txt").write_text("验证 text\n\nend", encoding="utf-8")
+    folder = data.prepare(corpus, "gpt2", data_dir=tmp_path / "d", num_proc=2, verbose=False)
+    assert folder == tmp_path / "d" / "corpus" / "gpt2"
+    assert _decode(folder, "train") == TEXT + EOT
+    assert _decode(folder, "val") == "验证 text\n\nend" + EOT
+    meta = data.load_meta(folder)
+    assert meta["dtype"] == "uint16" and data.load_tokens(folder, "train").dtype == torch.uint16
+    assert (folder / "train.bin").stat().st_size == 2 * meta["train_tokens"]
+    assert meta["train_bytes"] == len(TEXT.encode("utf-8"))
+    assert meta["val_bytes"] == len("验证 text\n\nend".encode("utf-8"))
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    assert meta["sources"][0]["sha256"] == hashlib.sha256(TEXT.encode("utf-8")).hexdigest()
+
+
+def test_single_txt_file_holds_out_its_last_tenth_at_a_line_break(tmp_path):
+    path = tmp_path / "my_text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    assert folder.parent.name == "my_text"
+    train, val = _decode(folder, "train"), _decode(folder, "val")
+    assert train.endswith("\n" + EOT) and train[:-len(EOT)] + val[:-len(EOT)] == TEXT
+    assert 0.08 < len(val) / len(TEXT) < 0.12
+
+
+def test_cl100k_base_files_are_uint32(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    folder = data.prepare(path, "cl100k_base", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    meta = data.load_meta(folder)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] > 65536
+    assert (folder / "val.bin").stat().st_size == 4 * meta["val_tokens"]
+    assert _decode(folder, "train", "cl100k_base") + _decode(folder, "val", "cl100k_base") \
+        == EOT.join(data._split_tail(TEXT)) + EOT
+
+
+def test_second_prepare_does_no_tokenizing(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    first = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    stamp = (first / "train.bin").stat().st_mtime_ns
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again")
+    monkeypatch.setattr(data, "_tokenize", fail)
+    assert data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1) == first
+    assert "nothing to do" in capsys.readouterr().err
+    assert (first / "train.bin").stat().st_mtime_ns == stamp
+
+
+def test_one_and_two_processes_write_identical_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PIECE_CHARS", 300)  # many small tasks, long lines cut into pieces
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    one = data.prepare(path, "gpt2", data_dir=tmp_path / "a", num_proc=1, verbose=False)
+    two = data.prepare(path, "gpt2", data_dir=tmp_path / "b", num_proc=2, verbose=False)
+    for split in ("train", "val"):
+        assert (one / f"{split}.bin").read_bytes() == (two / f"{split}.bin").read_bytes()
+    assert _decode(two, "train") + _decode(two, "val") == EOT.join(data._split_tail(TEXT)) + EOT
+    # cutting pieces after a line break keeps the tokens of the whole text
+    enc = tiktoken.get_encoding("gpt2")
+    whole = enc.encode_ordinary(data._split_tail(TEXT)[0]) + [enc.eot_token]
+    assert data.load_tokens(two, "train").tolist() == whole
+
+
+def test_jsonl_file_reads_text_or_completion_fields(tmp_path):
+    docs = [f"文档 {i}\nbody {i}" for i in range(20)]
+    lines = [json.dumps({"text" if i % 2 else "completion": d}, ensure_ascii=False) for i, d in enumerate(docs)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    assert _decode(folder, "train") + _decode(folder, "val") == "".join(d + EOT for d in docs)
+    assert data.load_meta(folder)["val_docs"] >= 1
+
+
+def test_max_mb_caps_the_text_tokenized(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT * 20, encoding="utf-8")  # ≈ 190 KB
+    folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", max_mb=0.02, num_proc=1, verbose=False)
+    meta = data.load_meta(folder)
+    assert 0 < meta["train_bytes"] <= 20_000 and 0 < meta["val_bytes"] <= 2_000
+    assert (TEXT * 20).startswith(_decode(folder, "train")[:-len(EOT)])
+
+
+def test_bare_name_reads_your_own_data_from_data_raw(tmp_path):
+    own = tmp_path / "d" / "raw" / "poems"
+    own.mkdir(parents=True)
+    (own / "train.txt").write_text(TEXT, encoding="utf-8")
+    folder = data.prepare("poems", "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    assert folder == tmp_path / "d" / "poems" / "gpt2"
+    assert _decode(folder, "train") + _decode(folder, "val") == EOT.join(data._split_tail(TEXT)) + EOT
+
+
+def test_bpe_tokenizer_is_trained_once_saved_and_used(tmp_path, monkeypatch):
+    import bpe
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    folder = data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=300, num_proc=1, verbose=False)
+    assert folder.name == "bpe300" and (folder / "tokenizer.bpe").is_file()
+    meta = data.load_meta(folder)
+    enc = bpe.get_tokenizer(meta["tokenizer"])
+    assert enc.n_vocab == meta["vocab_size"] and meta["dtype"] == "uint16"
+    assert enc.decode(data.load_tokens(folder, "train").tolist()) == data._split_tail(TEXT)[0] + EOT
+
+    def fail(*args, **kwargs):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(bpe.BPETokenizer, "train", fail)
+    (folder / "meta.json").unlink()  # force re-tokenizing: the saved tokenizer is reused
+    assert data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=300, num_proc=1, verbose=False) == folder
+
+
+# ---- bad input: one line that names the fix ----------------------------------------------------
+
+def _run_cli(capsys, *args):
+    code = data.main(list(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_empty_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    code, line = _run_cli(capsys, "--dataset", str(tmp_path / "empty.txt"), "--data_dir", str(tmp_path))
+    assert code == 1 and line.startswith("error:") and "is empty" in line
+
+
+def test_missing_path_is_a_one_line_error(tmp_path, capsys):
+    code, line = _run_cli(capsys, "--dataset", str(tmp_path / "nope.txt"), "--data_dir", str(tmp_path))
+    assert code == 1 and line.startswith("error: no such file or folder")
+
+
+def test_non_utf8_file_is_a_one_line_error_naming_iconv(tmp_path, capsys):
+    (tmp_path / "gbk.txt").write_bytes("中文文本\n".encode("gbk") * 10)
+    code, line = _run_cli(capsys, "--dataset", str(tmp_path / "gbk.txt"), "--data_dir", str(tmp_path))
+    assert code == 1 and "not UTF-8" in line and "iconv" in line
+
+
+def test_unknown_dataset_name_lists_the_choices(tmp_path, capsys):
+    code, line = _run_cli(capsys, "--dataset", "klingon", "--data_dir", str(tmp_path))
+    assert code == 1 and "unknown dataset 'klingon'" in line and "shakespeare" in line
+    assert issubclass(data.DataError, ValueError)
+
+
+# ---- batches -----------------------------------------------------------------------------------
+
+T, B = 8, 4
+
+
+def _tokens(n_windows):
+    return torch.arange(n_windows * T + 1, dtype=torch.int64).to(torch.uint16)  # id = position
+
+
+def test_batches_are_next_token_windows_of_int64():
+    x, y = data.BatchIterator(_tokens(40), T, B).next_batch()
+    assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y, x + 1) and (x[:, 0] % T == 0).all()
+
+
+def test_epoch_visits_every_window_exactly_once():
+    it = data.BatchIterator(_tokens(40), T, B, seed=3)
+    assert it.windows_per_epoch == 40 and it.steps_per_epoch == 10
+    starts = [s for _ in range(it.steps_per_epoch) for s in it.next_batch()[0][:, 0].tolist()]
+    assert sorted(starts) == [k * T for k in range(40)]
+    assert it.epoch == 1
+    second = [s for _ in range(it.steps_per_epoch) for s in it.next_batch()[0][:, 0].tolist()]
+    assert sorted(second) == sorted(starts) and second != starts  # a new permutation
+
+
+def test_state_saved_mid_epoch_resumes_the_identical_sequence():
+    it = data.BatchIterator(_tokens(42), T, B, seed=7)  # 2 leftover windows are dropped
+    for _ in range(4):
+        it.next_batch()
+    state = it.state_dict()
+    assert all(isinstance(v, int) for v in state.values())
+    expected = [it.next_batch()[0] for _ in range(15)]  # runs into the next epoch
+    fresh = data.BatchIterator(_tokens(42), T, B, seed=7)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a, fresh.next_batch()[0]) for a in expected)
+    assert fresh.epoch == it.epoch
+
+
+def test_ddp_ranks_see_disjoint_windows_and_take_the_same_number_of_steps():
+    ranks = [data.BatchIterator(_tokens(41), T, B, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == 5
+    seen = [{s for _ in range(5) for s in it.next_batch()[0][:, 0].tolist()} for it in ranks]
+    assert len(seen[0]) == len(seen[1]) == 20 and not seen[0] & seen[1]
+
+
+def test_too_few_tokens_for_one_batch_is_a_clear_error():
+    with pytest.raises(data.DataError, match="lower --batch_size"):
+        data.BatchIterator(_tokens(3), T, B)
+
+
+def test_get_batch_draws_reproducible_random_windows():
+    tokens = _tokens(10)
+    x1, y1 = data.get_batch(tokens, T, 16, torch.Generator().manual_seed(0))
+    x2, _ = data.get_batch(tokens, T, 16, torch.Generator().manual_seed(0))
+    assert torch.equal(x1, x2) and torch.equal(y1, x1 + 1)
+    assert int(y1.max()) <= len(tokens) - 1
+
+
+def test_load_tokens_maps_the_file_without_copying_it(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    tokens = data.load_tokens(folder, "train")
+    it = data.BatchIterator(tokens, 16, 2)
+    x, y = it.next_batch()
+    assert torch.equal(x[:, 1:], y[:, :-1]) and int(x.max()) < 50257
+
+
+# ==============================================================================================
 # sample.py
 # ==============================================================================================
 import contextlib
