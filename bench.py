@@ -132,6 +132,170 @@ def bench_model():
 
 
 # ----------------------------------------------------------------------------------------------
+# train: step throughput against nanoGPT, quality per CPU minute, Chinese tokenizers
+# ----------------------------------------------------------------------------------------------
+
+def run_logged(cmd, cwd, env=None):
+    """Run a command, return (seconds, stdout); raise with its tail when it fails."""
+    import subprocess
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8")
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return time.perf_counter() - t0, out.stdout
+
+
+def last_eval(out_dir):
+    """The last eval record of a run of ours (log.jsonl)."""
+    import json
+    records = [json.loads(line) for line in open(pathlib.Path(out_dir) / "log.jsonl", encoding="utf-8")]
+    return [r for r in records if r["type"] == "eval"][-1]
+
+
+def train_rate(args, work):
+    """Steps per second of our train.py for these flags, from a short calibration run."""
+    import json
+    out = work / "calibrate"
+    run_logged([sys.executable, str(ROOT / "train.py"), *args, "--max_iters", "40", "--eval_interval", "1000",
+                "--log_interval", "10", "--out_dir", str(out)], cwd=work)
+    records = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8")]
+    rates = [r["tokens_per_s"] for r in records if r["type"] == "train"][1:]   # skip the warm-up
+    return sum(rates) / len(rates)
+
+
+def train_for_seconds(args, budget_s, tokens_per_step, work, name):
+    """Run our train.py for about budget_s seconds of training: the step count comes from a
+    calibration run, so the cosine schedule still ends at the last step."""
+    rate = train_rate(args, work)
+    steps = max(50, int(budget_s * rate / tokens_per_step))
+    out = work / name
+    seconds, _ = run_logged([sys.executable, str(ROOT / "train.py"), *args, "--max_iters", str(steps),
+                             "--out_dir", str(out)], cwd=work)
+    return seconds, steps, last_eval(out)
+
+
+def nanogpt_step(model, optimizer, x, y):
+    """nanoGPT's train.py step at float32: forward, backward, clip at 1.0, AdamW step."""
+    _, loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_train_throughput():
+    import argparse as _argparse
+    import train
+    from gpt import GPT, GPTConfig
+    print(f"## train — step throughput, nanoGPT's CPU recipe shape: 4 layers, 4 heads, 128 wide, "
+          f"block 64, batch 12, vocab 65, float32 ({machine()})\n")
+    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 65, (12, 64), generator=g)
+    y = torch.randint(0, 65, (12, 64), generator=g)
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**shape))
+    args = _argparse.Namespace(lr=1e-3, weight_decay=0.1, beta2=0.99)
+    opt = train.make_optimizer(ours, args, "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def our_step():
+        train.forward_backward(ours, lambda: (x, y), 1, contextlib.nullcontext(), scaler)
+        train.optimizer_step(ours, opt, scaler, 1.0)
+
+    nano_mod = load_nanogpt_model()
+    peer_step = None
+    if nano_mod is not None:
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            peer = nano_mod.GPT(nano_mod.GPTConfig(**shape))
+            peer_opt = peer.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+        peer_step = lambda: nanogpt_step(peer, peer_opt, x, y)
+    ours_ms, peer_ms = [], []
+    for _ in range(5):                        # alternate rounds: both see the same machine load
+        ours_ms.append(best_ms(our_step, repeat=20))
+        if peer_step:
+            peer_ms.append(best_ms(peer_step, repeat=20))
+    o, p = min(ours_ms), (min(peer_ms) if peer_ms else None)
+    rows = [["ours (train.py step: fused AdamW)", f"{o:.2f}", f"{12 * 64 / o * 1000:,.0f}", "1.00×"]]
+    if p:
+        rows.append(["nanoGPT (model.py + its AdamW)", f"{p:.2f}", f"{12 * 64 / p * 1000:,.0f}", f"{o / p:.2f}×"])
+    table(["training step", "ms/step", "tokens/s", "time vs ours"], rows)
+
+
+def nanogpt_shakespeare_run(work):
+    """nanoGPT's documented CPU recipe on tiny Shakespeare, in a scratch copy of the checkout:
+    returns (seconds, final val loss in nats/char)."""
+    import re
+    import shutil
+    path = peer_dir("NANOGPT_DIR")
+    if path is None:
+        return None
+    copy = work / "nanoGPT"
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns(".git"))
+    shutil.copy(CORPUS / "tinyshakespeare.txt", copy / "data/shakespeare_char/input.txt")
+    run_logged([sys.executable, "data/shakespeare_char/prepare.py"], cwd=copy)
+    recipe = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+              "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+              "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+    seconds, stdout = run_logged([sys.executable, "train.py", *recipe], cwd=copy)
+    val = float(re.findall(r"val loss ([0-9.]+)", stdout)[-1])
+    return seconds, val
+
+
+# Our recipe for the same wall-clock time (see the README for how it was chosen).
+SHAKESPEARE_RECIPE = ["--model_type", "gpt-micro", "--tokenizer", "bpe", "--vocab_size", "1024",
+                      "--block_size", "64", "--batch_size", "32", "--lr", "2e-3", "--warmup_iters", "50",
+                      "--dropout", "0.0", "--bias", "0", "--eval_iters", "50", "--eval_interval", "500"]
+
+
+def bench_train_quality():
+    import math as _math
+    import tempfile
+    print(f"## train — quality per CPU minute on tiny Shakespeare (val = last 10 %) ({machine()})\n")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_train_"))
+    nano = nanogpt_shakespeare_run(work)
+    budget = nano[0] if nano else 80.0
+    ours_args = ["--dataset", str(CORPUS / "tinyshakespeare.txt"), "--data_dir", str(work / "data"),
+                 "--device", "cpu", *SHAKESPEARE_RECIPE]
+    seconds, steps, ev = train_for_seconds(ours_args, budget, 32 * 64, work, "ours_shakespeare")
+    rows = []
+    if nano:
+        rows.append(["nanoGPT CPU recipe (char-level, 4×128, block 64, batch 12, 2000 iters)", f"{nano[0]:.0f}",
+                     f"{nano[1]:.3f} nats/char", f"{nano[1] / _math.log(2):.3f}"])
+    rows.append([f"ours: {' '.join(SHAKESPEARE_RECIPE[:12])} … ({steps} iters)", f"{seconds:.0f}",
+                 f"{ev['val_loss']:.3f} nats/token", f"{ev['val_bpb']:.3f}"])
+    table(["run", "wall s (incl. start-up)", "val loss", "val bits/byte"], rows)
+
+
+def bench_train_chinese(budget_s=300.0):
+    import tempfile
+    print(f"## train — Chinese: tokenizer vs tokenizer, gpt-micro, about {budget_s / 60:.0f} min of training each, "
+          f"on zh_wiki_sample.txt + zh_wiki_sentences_cc0.txt (val = last 10 %) ({machine()})\n")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_zh_"))
+    folder = work / "zh"
+    folder.mkdir()
+    text = (CORPUS / "zh_wiki_sample.txt").read_text(encoding="utf-8") + "\n\n" + \
+        (CORPUS / "zh_wiki_sentences_cc0.txt").read_text(encoding="utf-8")
+    (folder / "zh.txt").write_text(text, encoding="utf-8")
+    rows = []
+    for tokenizer in ("bpe", "cl100k_base", "gpt2"):
+        args = ["--model_type", "gpt-micro", "--dataset", str(folder / "zh.txt"), "--tokenizer", tokenizer,
+                "--vocab_size", "8192", "--data_dir", str(work / "data"), "--device", "cpu",
+                "--block_size", "128", "--batch_size", "16", "--lr", "2e-3", "--warmup_iters", "50",
+                "--eval_iters", "50", "--eval_interval", "100000", "--bias", "0"]
+        seconds, steps, ev = train_for_seconds(args, budget_s, 16 * 128, work, f"zh_{tokenizer}")
+        rows.append([tokenizer + (" (ours, 8192)" if tokenizer == "bpe" else ""), steps, f"{seconds:.0f}",
+                     f"{ev['val_loss']:.3f}", f"{ev['val_bpb']:.3f}"])
+    table(["tokenizer", "iters", "wall s", "val nats/token", "val bits/byte"], rows)
+
+
+def bench_train():
+    bench_train_throughput()
+    bench_train_quality()
+    bench_train_chinese()
+
+
+# ----------------------------------------------------------------------------------------------
 # bpe: training and encoding speed against minbpe and tiktoken, the Chinese report
 # ----------------------------------------------------------------------------------------------
 
@@ -380,6 +544,7 @@ SECTIONS = {
     "model": bench_model,
     "bpe": bench_bpe,
     "data": bench_data,
+    "train": bench_train,
     "sample": bench_sample,
 }
 

@@ -1099,6 +1099,221 @@ def test_load_tokens_maps_the_file_without_copying_it(tmp_path):
 
 
 # ==============================================================================================
+# train.py
+# ==============================================================================================
+
+import json
+import signal
+import xml.etree.ElementTree as ET
+
+import train
+
+SMALL_TEXT = "\n\n".join(
+    f"第{i}段：人工智能是计算机科学的一个分支，它试图理解智能的实质。"
+    f"Paragraph {i}: a language model predicts the next token from the ones before it."
+    for i in range(12)
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small Chinese/English text file and a shared data folder (prepared once)."""
+    root = tmp_path_factory.mktemp("corpus")
+    path = root / "small.txt"
+    path.write_text(SMALL_TEXT, encoding="utf-8")
+    return path, root / "data"
+
+
+def train_argv(corpus, out_dir, *extra):
+    path, data_dir = corpus
+    return ["--model_type", "gpt-nano", "--dataset", str(path), "--tokenizer", "bpe",
+            "--vocab_size", "320", "--data_dir", str(data_dir), "--out_dir", str(out_dir), "--block_size", "16",
+            "--batch_size", "4", "--eval_iters", "2", "--eval_interval", "5", "--log_interval", "1",
+            "--device", "cpu", "--num_proc", "1", "--seed", "7", "--lr", "3e-3", "--warmup_iters", "2", *extra]
+
+
+def train_losses(out_dir):
+    """(iteration, loss) of every logged training step, in order."""
+    lines = (json.loads(line) for line in open(out_dir / "log.jsonl", encoding="utf-8"))
+    return [(r["iter"], r["loss"]) for r in lines if r["type"] == "train"]
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    args = train.parse_args(["--model_type", "gpt-nano", "--lr", "1e-3", "--min_lr", "1e-4", "--warmup_iters", "10"])
+    lrs = [train.learning_rate(it, args, 110) for it in range(120)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 0.9e-3)
+    assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
+
+
+def test_gradient_accumulation_gives_the_same_gradients_as_one_big_batch():
+    model = tiny_gpt(seed=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 64, (8, 32), generator=g)
+    y = torch.randint(0, 64, (8, 32), generator=g)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def grads(micro_batches):
+        model.zero_grad(set_to_none=True)
+        batches = iter(micro_batches)
+        train.forward_backward(model, lambda: next(batches), len(micro_batches), contextlib.nullcontext(), scaler)
+        return [p.grad.clone() for p in model.parameters()]
+
+    one = grads([(x, y)])
+    two = grads([(x[:4], y[:4]), (x[4:], y[4:])])
+    assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run_across_an_epoch_boundary(corpus, tmp_path):
+    common = ("--dropout", "0.1", "--lr_decay_iters", "40")
+    straight = tmp_path / "straight"
+    train.main(train_argv(corpus, straight, "--max_iters", "40", *common))
+    halves = tmp_path / "halves"
+    first = train.main(train_argv(corpus, halves, "--max_iters", "20", *common))
+    assert first["iter_num"] == 20
+    train.main(train_argv(corpus, halves, "--max_iters", "40", "--resume", *common))
+
+    a, b = load_ckpt(straight / "last.pt"), load_ckpt(halves / "last.pt")
+    assert a["epoch"] >= 1, "the run should cross an epoch boundary"
+    assert train_losses(straight) == train_losses(halves)          # every step's loss, bit for bit
+    assert a["iter_num"] == b["iter_num"] == 40
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+
+
+def test_checkpoints_load_with_weights_only_and_logs_are_valid(corpus, tmp_path):
+    out = tmp_path / "run"
+    train.main(train_argv(corpus, out, "--max_iters", "6"))
+    for name in ("last.pt", "best_model.pt"):
+        ckpt = load_ckpt(out / name)
+        for key in ("model", "model_config", "tokenizer", "optimizer", "scaler", "iter_num", "epoch",
+                    "best_val_loss", "train_args", "rng", "data_state"):
+            assert key in ckpt, key
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+        # our own BPE travels inside the checkpoint: it rebuilds without the data folder
+        enc = train.bpe.get_tokenizer(ckpt["tokenizer"])
+        assert enc.n_vocab == 320 == ckpt["model_config"]["vocab_size"]
+        assert enc.decode(enc.encode("人工智能 model")) == "人工智能 model"
+    records = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8")]
+    assert {r["type"] for r in records} == {"train", "eval"}
+    evals = [r for r in records if r["type"] == "eval"]
+    assert evals[-1]["val_bpb"] == pytest.approx(
+        evals[-1]["val_loss"] * train.data.load_meta(next((corpus[1]).glob("*/bpe320")))["val_tokens"]
+        / train.data.load_meta(next((corpus[1]).glob("*/bpe320")))["val_bytes"] / math.log(2))
+    root = ET.parse(out / "loss.svg").getroot()
+    assert root.tag.endswith("svg") and len(root.findall("{http://www.w3.org/2000/svg}polyline")) == 2
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(train_argv(corpus, out, "--max_iters", "2"))
+    argv = train_argv(corpus, out, "--max_iters", "4", "--resume")
+    argv[argv.index("gpt-nano")] = "gpt-micro"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error:") and "--model_type gpt-nano" in last_line
+
+
+def test_a_nan_loss_stops_training_with_a_clear_error_and_keeps_the_checkpoints(corpus, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    train.main(train_argv(corpus, out, "--max_iters", "4"))
+    before = load_ckpt(out / "last.pt")
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def forward_that_goes_nan(self, idx, targets=None, cache=None):
+        logits, loss = real_forward(self, idx, targets, cache)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 1:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward_that_goes_nan)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_argv(corpus, out, "--max_iters", "12", "--resume"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: loss is nan" in err and "--lr" in err
+    after = load_ckpt(out / "last.pt")
+    assert after["iter_num"] == before["iter_num"] == 4
+    assert all(torch.isfinite(t).all() for t in after["model"].values())
+    load_ckpt(out / "best_model.pt")
+
+
+def test_float16_autocast_with_grad_scaler_trains_on_cpu(corpus, tmp_path):
+    out = tmp_path / "fp16"
+    train.main(train_argv(corpus, out, "--max_iters", "6", "--dtype", "float16"))
+    ckpt = load_ckpt(out / "last.pt")
+    assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
+    assert all(math.isfinite(loss) for _, loss in train_losses(out))
+
+
+def subprocess_env():
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")
+    env.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+    return env
+
+
+def test_sigterm_saves_a_last_checkpoint_that_resumes(corpus, tmp_path):
+    out = tmp_path / "run"
+    argv = train_argv(corpus, out, "--max_iters", "100000", "--eval_interval", "100000")
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), *argv], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8")
+    seen = []
+    for line in proc.stdout:                         # wait until it is really training
+        seen.append(line)
+        if line.startswith("iter 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert proc.returncode == 0, output
+    assert "--resume" in output and "Resume with" in output
+    ckpt = load_ckpt(out / "last.pt")
+    assert ckpt["iter_num"] >= 3
+    result = train.main(train_argv(corpus, out, "--max_iters", str(ckpt["iter_num"] + 2), "--resume"))
+    assert result["iter_num"] == ckpt["iter_num"] + 2
+
+
+def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_batch(corpus, tmp_path):
+    single = tmp_path / "single"
+    train.main(train_argv(corpus, single, "--max_iters", "4", "--batch_size", "8"))
+    ddp_out = tmp_path / "ddp"
+    argv = train_argv(corpus, ddp_out, "--max_iters", "4", "--batch_size", "4")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "train.py"), *argv], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, encoding="utf-8", timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for (i, loss_one), (j, loss_two) in zip(train_losses(single), train_losses(ddp_out), strict=True):
+        assert i == j and abs(loss_one - loss_two) < 1e-5      # the mean over the same 8 sequences
+    a, b = load_ckpt(single / "last.pt")["model"], load_ckpt(ddp_out / "last.pt")["model"]
+    for key in a:
+        # Adam divides by √v: where a gradient is ≈ 0, float-rounding differences of the
+        # all-reduce can move a weight by up to ~lr, so compare at that scale.
+        assert torch.allclose(a[key], b[key], atol=1e-4), key
+
+
+def test_sample_py_continues_a_chinese_prompt_from_a_checkpoint_train_py_wrote(corpus, tmp_path):
+    out = tmp_path / "run"
+    train.main(train_argv(corpus, out, "--max_iters", "30"))           # our own BPE, inside the checkpoint
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(out / "best_model.pt"),
+                           "--prompt", "人工智能", "--max_new_tokens", "20", "--seed", "1", "--device", "cpu"],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, timeout=120)
+    text = proc.stdout.decode("utf-8")
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    assert text.startswith("人工智能") and len(text) > len("人工智能")
+
+
+# ==============================================================================================
 # sample.py
 # ==============================================================================================
 import contextlib
