@@ -60,6 +60,28 @@ def best_ms(fn, repeat, warmup=3):
     return times[len(times) // 2]
 
 
+def timed(fn):
+    """Seconds one call of fn() takes."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def paired_ms(fns, repeat=200, warmup=5):
+    """Median ms/call of each function, timed in strict alternation (a, b, a, b, …) so that a
+    change in machine load hits all of them alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, bucket in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            bucket.append((time.perf_counter() - t0) * 1000)
+    return [sorted(bucket)[len(bucket) // 2] for bucket in times]
+
+
 # ----------------------------------------------------------------------------------------------
 # model: forward + backward speed, and generation with / without the KV cache
 # ----------------------------------------------------------------------------------------------
@@ -102,33 +124,29 @@ def bench_model():
             peer = nano_mod.GPT(nano_mod.GPTConfig(**shape))
     rows = []
     for dtype in ("float32", "bfloat16"):
-        # Alternate ours and the peer in short rounds so both see the same machine load.
-        ours_ms, peer_ms = [], []
-        for _ in range(5):
-            ours_ms.append(best_ms(lambda: fwd_bwd_step(ours, x, y, dtype), repeat=20))
-            if peer is not None:
-                peer_ms.append(best_ms(lambda: fwd_bwd_step(peer, x, y, dtype), repeat=20))
-        o = min(ours_ms)
-        p = min(peer_ms) if peer_ms else None
+        fns = [lambda: fwd_bwd_step(ours, x, y, dtype)]
+        if peer is not None:
+            fns.append(lambda: fwd_bwd_step(peer, x, y, dtype))
+        o, p = (paired_ms(fns) + [None])[:2]
         rows.append([dtype, f"{o:.2f}", f"{p:.2f}" if p else "—", f"{p / o:.2f}×" if p else "—",
                      f"{12 * 64 / o * 1000:,.0f}"])
     table(["dtype", "ours ms/iter", "nanoGPT ms/iter", "nanoGPT / ours", "ours tokens/s"], rows)
 
-    print(f"## model — gpt-mini generation, 256 new tokens from a 1-token prompt, block 512, vocab 50257 ({machine()})\n")
-    torch.manual_seed(0)
-    mini = GPT(GPTConfig.from_preset("gpt-mini", vocab_size=50257, block_size=512)).eval()
-    prompt = torch.zeros(1, 1, dtype=torch.long)
-    rows, rates = [], {}
-    for use_cache in (True, False):
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            mini.generate(prompt, 256, temperature=0, use_cache=use_cache)
-            best = min(best, time.perf_counter() - t0)
-        rates[use_cache] = 256 / best
-        rows.append(["with KV cache" if use_cache else "without cache", f"{best:.2f}", f"{256 / best:,.0f}"])
-    rows.append(["speed-up", "", f"{rates[True] / rates[False]:.1f}×"])
-    table(["generation", "seconds", "tokens/s"], rows)
+    print(f"## model — gpt-mini generation of 256 new tokens, with and without the KV cache, block 512, "
+          f"greedy, random weights ({machine()})\n")
+    rows = []
+    for vocab_size in (8192, 50257):                   # our BPE's default vocabulary; gpt2's
+        torch.manual_seed(0)
+        mini = GPT(GPTConfig.from_preset("gpt-mini", vocab_size=vocab_size, block_size=512)).eval()
+        for prompt_len in (1, 256):
+            prompt = torch.randint(0, vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+            seconds = {}
+            for use_cache in (True, False):
+                seconds[use_cache] = min(timed(lambda: mini.generate(prompt, 256, temperature=0, use_cache=use_cache))
+                                         for _ in range(3))
+            rows.append([f"{vocab_size:,}", prompt_len, f"{256 / seconds[True]:,.0f}", f"{256 / seconds[False]:,.0f}",
+                         f"{seconds[False] / seconds[True]:.1f}×"])
+    table(["vocab", "prompt tokens", "tokens/s with cache", "tokens/s without", "cache speed-up"], rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,12 +228,7 @@ def bench_train_throughput():
             peer = nano_mod.GPT(nano_mod.GPTConfig(**shape))
             peer_opt = peer.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
         peer_step = lambda: nanogpt_step(peer, peer_opt, x, y)
-    ours_ms, peer_ms = [], []
-    for _ in range(5):                        # alternate rounds: both see the same machine load
-        ours_ms.append(best_ms(our_step, repeat=20))
-        if peer_step:
-            peer_ms.append(best_ms(peer_step, repeat=20))
-    o, p = min(ours_ms), (min(peer_ms) if peer_ms else None)
+    o, p = (paired_ms([our_step] + ([peer_step] if peer_step else [])) + [None])[:2]
     rows = [["ours (train.py step: fused AdamW)", f"{o:.2f}", f"{12 * 64 / o * 1000:,.0f}", "1.00×"]]
     if p:
         rows.append(["nanoGPT (model.py + its AdamW)", f"{p:.2f}", f"{12 * 64 / p * 1000:,.0f}", f"{o / p:.2f}×"])
@@ -431,10 +444,6 @@ def bench_bpe():
     _bench_encoding(bpe, minbpe)
     _bench_long_piece(bpe)
     _bench_report(bpe)
-
-
-if __name__ == "__main__":
-    bench_bpe()
 
 
 # ----------------------------------------------------------------------------------------------

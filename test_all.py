@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attention import Block, CausalSelfAttention, KVCache, LayerNorm, causal_mask, gelu, layer_norm
+from attention import Block, CausalSelfAttention, KVCache, LayerNorm, causal_mask, gelu, gelu_tanh, layer_norm
 from attention import scaled_dot_product_attention
 from gpt import GPT, PRESETS, GPTConfig
 
@@ -117,9 +117,11 @@ def test_layer_norm_equals_torch_functional_layer_norm():
     assert LayerNorm(32, bias=False).bias is None
 
 
-def test_gelu_equals_torch_tanh_gelu():
+def test_gelu_and_its_tanh_approximation_equal_torch_gelu():
     x = torch.linspace(-8, 8, 2001, dtype=torch.float64)
-    assert torch.allclose(gelu(x), F.gelu(x, approximate="tanh"), atol=1e-12)
+    assert torch.allclose(gelu(x), F.gelu(x), atol=1e-12)
+    assert torch.allclose(gelu_tanh(x), F.gelu(x, approximate="tanh"), atol=1e-12)
+    assert (gelu(x) - gelu_tanh(x)).abs().max() < 1e-3
 
 
 def test_attention_rejects_a_width_not_divisible_by_heads():
