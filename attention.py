@@ -69,8 +69,8 @@ def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0):
         scores = scores.masked_fill(~allowed, float("-inf"))     # e^(−∞) = 0: no weight on the future
     # bfloat16/float16 scores are exponentiated and summed in (at least) float32: with 8 or 11
     # bits of mantissa, a sum of many small probabilities would drift. float64 stays float64.
-    weights = softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
-    weights = weights.to(v.dtype)                                # each row sums to 1
+    weights = softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # rows sum to 1
+    weights = weights.to(v.dtype)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p, training=True)
     return weights @ v                                           # weighted average of the values
@@ -124,8 +124,8 @@ def gelu_tanh(x):
     """GPT-2's approximation of GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 
     It was cheaper than erf on 2018 hardware; today torch's exact GELU is the faster kernel on
-    a CPU (about 2× here — bench.py model), and the two differ by < 0.001, so our MLP uses the
-    exact form. A model trained with one would need this one to load OpenAI's GPT-2 weights.
+    a CPU (about 2× here), and the two differ by < 0.001, so our MLP uses the exact form.
+    OpenAI's GPT-2 weights were trained with this form; loading them would call for it.
     """
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
@@ -203,7 +203,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         assert n_embd % n_head == 0, f"n_embd ({n_embd}) must be divisible by n_head ({n_head})"
         self.n_head = n_head
-        self.dropout = dropout
+        self.attn_dropout_p = dropout                            # a rate, applied to the weights
         self.flash = flash                                       # True: torch's fused kernel
         # One matmul produces q, k and v for all heads at once: C → 3C (faster than three).
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
@@ -226,10 +226,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, H, C // H).transpose(1, 2)
         if cache is not None:
             k, v = cache.append(layer, k, v)                     # (B, H, T_cached + T, D)
-        p = self.dropout if self.training else 0.0
+        p = self.attn_dropout_p if self.training else 0.0
         Tq, Tk = q.size(2), k.size(2)
-        # torch's fused CPU kernel has no fast bfloat16 backward (torch 2.13; gpt-micro, block 64:
-        # 35 ms/iter fused, 26 ms written out — bench.py model), so a CPU in bfloat16 takes ours.
+        # torch's fused CPU kernel is slow in bfloat16 (torch 2.13; gpt-micro, block 64, forward +
+        # backward: 35 ms/iter fused, 26 ms written out), so a CPU in bfloat16 takes ours. At
+        # generation time (one query row) the two cost about the same, so the rule stays simple.
         fused = self.flash and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
         if fused:
             # Same math as our function, fused into one kernel that never materialises the

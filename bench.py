@@ -171,9 +171,10 @@ def last_eval(out_dir):
 
 
 def train_rate(args, work):
-    """Steps per second of our train.py for these flags, from a short calibration run."""
+    """Tokens per second of our train.py for these flags, from a short calibration run in `out`."""
     import json
-    out = work / "calibrate"
+    out = work
+    out.mkdir(parents=True, exist_ok=True)
     run_logged([sys.executable, str(ROOT / "train.py"), *args, "--max_iters", "40", "--eval_interval", "1000",
                 "--log_interval", "10", "--out_dir", str(out)], cwd=work)
     records = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8")]
@@ -184,8 +185,10 @@ def train_rate(args, work):
 def train_for_seconds(args, budget_s, tokens_per_step, work, name):
     """Run our train.py for about budget_s seconds of training: the step count comes from a
     calibration run, so the cosine schedule still ends at the last step."""
-    rate = train_rate(args, work)
-    steps = max(50, int(budget_s * rate / tokens_per_step))
+    rate = train_rate(args, work / f"calibrate_{name}")
+    # 85 % of the budget for the steps themselves: start-up and evaluations take the rest, and
+    # the wall time reported below includes them.
+    steps = max(50, int(0.85 * budget_s * rate / tokens_per_step))
     out = work / name
     seconds, _ = run_logged([sys.executable, str(ROOT / "train.py"), *args, "--max_iters", str(steps),
                              "--out_dir", str(out)], cwd=work)

@@ -29,7 +29,8 @@ from attention import Block, KVCache, LayerNorm
 # ----------------------------------------------------------------------------------------------
 
 # name → depth and width. The gpt2* rows are OpenAI's GPT-2 family (Radford et al. 2019);
-# the small ones are ours, sized to train on a CPU in minutes (gpt-nano) to an hour (gpt-mini).
+# the small ones are ours: nano, micro and mini train on a CPU in minutes (nano) to an hour
+# (mini); gpt-small (30M parameters) wants a GPU.
 PRESETS = {
     "gpt-nano":    dict(n_layer=3,  n_head=3,  n_embd=48),
     "gpt-micro":   dict(n_layer=4,  n_head=4,  n_embd=128),
@@ -69,6 +70,17 @@ class GPTConfig:
 # ----------------------------------------------------------------------------------------------
 
 class GPT(nn.Module):
+    """idx (B, T) → wte + wpe (B, T, C) → n_layer Blocks → ln_f → lm_head → logits (B, T, vocab)."""
+
+    @staticmethod
+    def _init_weights(module):
+        """GPT-2's init: weights N(0, 0.02), biases 0 (LayerNorms keep γ=1, β=0)."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def __init__(self, config):
         super().__init__()
@@ -96,16 +108,6 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-
-    @staticmethod
-    def _init_weights(module):
-        """GPT-2's init: weights N(0, 0.02), biases 0 (LayerNorms keep γ=1, β=0)."""
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None, cache=None):
         """idx: (B, T) token ids → (logits, loss).
@@ -149,6 +151,8 @@ class GPT(nn.Module):
           probability reaches p (so the set is small when the model is sure, large when not).
         generator: a seeded torch.Generator, for reproducible samples.
         """
+        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and top_p <= 0):
+            raise ValueError(f"need temperature ≥ 0, top_k ≥ 1, 0 < top_p ≤ 1 (got {temperature}, {top_k}, {top_p})")
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
         logits = logits / temperature
@@ -175,9 +179,10 @@ class GPT(nn.Module):
         idx: (B, T) the prompt. Put the model in eval mode first (model.eval()), else dropout
         makes the output random. Stop early by simply leaving the loop (e.g. at <|endoftext|>).
 
-        Without a cache every step runs the whole context through the model: O(T) work per
-        new token, O(T²) per sample. With the cache the prompt runs once ("prefill"); then each
-        step feeds only the newest token, whose query attends to the cached keys and values.
+        Without a cache every step runs the whole context through the model: the Linear layers
+        cost O(T) per new token and attention O(T²). With the cache the prompt runs once
+        ("prefill"); then each step feeds only the newest token: O(1) for the Linear layers and
+        O(T) for its one query attending to the cached keys and values.
         """
         block_size = self.config.block_size
         cache = None

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -43,8 +44,9 @@ from gpt import GPT, PRESETS, GPTConfig
 # 1. The command line
 # ----------------------------------------------------------------------------------------------
 
-# What each preset trains well with when a flag is not given. The small ones are sized for a
-# CPU (a few thousand iterations in minutes); the GPT-2 sizes follow nanoGPT's GPT-2 recipe.
+# What each preset trains well with when a flag is not given. nano/micro/mini are sized for a
+# CPU (a few thousand iterations in minutes to an hour); gpt-small and the GPT-2 sizes want a GPU
+# (for GPT-2's ~0.5M tokens per step, add --grad_accum 40 as nanoGPT does).
 PRESET_DEFAULTS = {
     "gpt-nano":    dict(block_size=64,   batch_size=32, lr=2e-3, max_iters=2000, warmup_iters=100),
     "gpt-micro":   dict(block_size=128,  batch_size=32, lr=1e-3, max_iters=5000, warmup_iters=100),
@@ -76,7 +78,7 @@ def parse_args(argv=None):
     a("--min_lr", type=float, default=None, help="learning rate at the end of the cosine (default lr/10)")
     a("--warmup_iters", type=int, default=None, help="steps of linear warm-up")
     a("--weight_decay", type=float, default=0.1, help="AdamW weight decay, on 2-D weights only")
-    a("--beta2", type=float, default=0.99, help="AdamW β2 (0.95 for large models and batches)")
+    a("--beta2", type=float, default=None, help="AdamW β2 (default 0.99 for the small presets, 0.95 for gpt2*)")
     a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
     a("--dropout", type=float, default=0.0, help="dropout rate (0.1–0.2 helps on small data)")
     a("--bias", type=int, default=1, choices=[0, 1], help="biases in Linear and LayerNorm layers")
@@ -91,6 +93,15 @@ def parse_args(argv=None):
     a("--seed", type=int, default=1337, help="seed for weights, data order and dropout")
     a("--num_proc", type=int, default=None, help="processes for tokenizing (default: all cores)")
     args = p.parse_args(argv)
+    for flag in ("batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
+                 "max_iters", "vocab_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be at least 1, not {value}")
+    if args.beta2 is None:
+        # β2 = 0.99 averages the squared gradients over ~100 steps: steadier for the small, noisy
+        # batches of a CPU run; large batches on GPUs take 0.95 (nanoGPT's GPT-2 setting).
+        args.beta2 = 0.95 if args.model_type.startswith("gpt2") else 0.99
     for key, value in PRESET_DEFAULTS[args.model_type].items():
         if key != "max_iters" and getattr(args, key) is None:
             setattr(args, key, value)
@@ -110,6 +121,7 @@ class TrainError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name):
+    """'auto' → cuda, then mps, then cpu; an explicit choice is checked."""
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -176,8 +188,8 @@ def make_optimizer(model, args, device):
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    # fused=True: one kernel updates every tensor, instead of a loop of small ops per tensor —
-    # on a CPU with a small model that is most of the optimizer's time (CUDA; CPU from torch 2.4).
+    # fused=True: one kernel updates every tensor instead of a loop of small ops per tensor.
+    # It exists on CUDA, and on CPU from torch 2.4; elsewhere we fall back to the loop.
     try:
         return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=True)
     except (RuntimeError, TypeError):                          # older torch, or MPS
@@ -253,9 +265,10 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 def estimate_loss(model, tokens_by_split, args, device, autocast_ctx, seed):
     """Mean loss over eval_iters random batches of each split.
 
-    The batches come from a generator seeded per evaluation, never from the global RNG: an
-    evaluation then cannot shift the random numbers the training run draws (dropout), which
-    is what keeps a resumed run identical to an uninterrupted one.
+    The batches come from a generator with a fixed seed, never from the global RNG: every
+    evaluation then measures the same batches (so "best" means better, not luckier), and it
+    cannot shift the random numbers the training draws (dropout) — which is what keeps a
+    resumed run identical to an uninterrupted one.
     """
     model.eval()
     out = {}
@@ -293,15 +306,17 @@ def rng_state():
     return {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's own GPU: under DDP each rank saves and restores the same stream
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state):
+    """Put every generator back where rng_state() found it."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def clean_state_dict(state_dict):
@@ -413,6 +428,8 @@ def setup_distributed(device):
         return False, 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "mps":
+        raise TrainError("DDP needs CUDA GPUs (nccl) or CPUs (gloo); MPS cannot all-reduce — use one process")
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -510,7 +527,7 @@ def train(args, argv=()):
     stop = StopFlag()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     if master:
-        print(f"model {args.model_type}: {raw_model.num_params() / 1e6:.2f}M parameters (non-embedding), "
+        print(f"model {args.model_type}: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
               f"vocab {config.vocab_size}, context {config.block_size} | device {device}, {dtype} | "
               f"{tokens_per_iter:,} tokens/step, {iters_per_epoch} steps/epoch, {total_iters} steps")
     model.train()
@@ -518,9 +535,10 @@ def train(args, argv=()):
     try:
         while True:
             # -- evaluate and save (also at the last iteration) ---------------------------------
-            if iter_num % args.eval_interval == 0 or iter_num == total_iters:
+            already_evaluated = bool(history["val"]) and history["val"][-1][0] == iter_num   # just resumed
+            if (iter_num % args.eval_interval == 0 or iter_num == total_iters) and not already_evaluated:
                 losses = estimate_loss(model, {"train": train_tokens, "val": val_tokens}, args, device,
-                                       autocast_ctx, seed=args.seed + iter_num + 1000 * rank)
+                                       autocast_ctx, seed=args.seed + 1000 * rank)
                 if ddp:                                        # average the ranks' estimates
                     t = torch.tensor([losses["train"], losses["val"]], device=device)
                     dist.all_reduce(t)
@@ -543,6 +561,7 @@ def train(args, argv=()):
                     if improved:
                         save_atomically(state, best_path)
                     write_loss_svg(os.path.join(args.out_dir, "loss.svg"), history["train"], history["val"])
+                t_last, iters_timed = time.time(), 0            # tokens/s counts training time only
             if iter_num >= total_iters or stop.requested:
                 break
 
@@ -553,7 +572,17 @@ def train(args, argv=()):
             loss = forward_backward(model, batches.next_batch, args.grad_accum, autocast_ctx, scaler, ddp)
             norm, stepped = optimizer_step(model, optimizer, scaler, args.grad_clip)
             loss = loss.item()                                  # waits for the GPU: once per step
-            if not math.isfinite(loss):
+            if ddp:
+                # Every rank must leave the loop at the same step, or the others would wait
+                # forever in the next all-reduce: agree on "stop?" and "diverged?" together.
+                flags = torch.tensor([float(stop.requested), float(not math.isfinite(loss))], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                stop.requested = bool(flags[0])
+                if flags[1]:
+                    loss = float("nan")
+            # With float16 a non-finite loss can be a transient overflow the scaler handles by
+            # skipping the step; there we leave the verdict to the next evaluation.
+            if not math.isfinite(loss) and dtype != "float16":
                 raise TrainError(f"loss is {loss} at iteration {iter_num} — training diverged. Nothing was saved "
                                  f"after iteration {history['val'][-1][0] if history['val'] else 0}; "
                                  f"try a lower --lr (now {args.lr}) or --dtype float32/bfloat16")
@@ -585,7 +614,8 @@ def train(args, argv=()):
     if master:
         if stop.requested and iter_num < total_iters:
             save_atomically(checkpoint(), last_path)
-            resume_cmd = " ".join(["python", "train.py"] + [a for a in argv if a != "--resume"] + ["--resume"])
+            launcher = ["torchrun", "--nproc_per_node", str(world)] if ddp else ["python"]
+            resume_cmd = shlex.join(launcher + ["train.py"] + [a for a in argv if a != "--resume"] + ["--resume"])
             print(f"stopped at iteration {iter_num}; saved {last_path}. Resume with:\n  {resume_cmd}")
         else:
             print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}; "
