@@ -499,6 +499,10 @@ def train(args, argv=()):
         set_rng_state(ckpt["rng"])
         if master:
             print(f"resumed from {last_path} at iteration {iter_num}")
+    elif os.path.exists(last_path):
+        # Nothing the user had is lost: a fresh run would overwrite last.pt and best_model.pt.
+        raise TrainError(f"{args.out_dir} already holds a run (last.pt) — add --resume to continue it, "
+                         f"or choose another --out_dir (or delete that folder) to start afresh")
     elif master and os.path.exists(log_path):
         os.remove(log_path)                                    # a fresh run starts a fresh log
 
