@@ -506,7 +506,7 @@ def bench_sample(new_tokens=256, vocab_sizes=(50257, 8192)):
 
 def bench_data():
     """Tokenizing speed of data.prepare on the 32 MB Chinese law corpus with cl100k_base:
-    1 vs 2 processes, against tiktoken's own single-threaded encode_ordinary_batch."""
+    1 vs 2 workers, against tiktoken's own encode_ordinary_batch."""
     import bpe
     import data
     corpus = CORPUS / "zh_law_corpus.txt"
@@ -538,7 +538,7 @@ def bench_data():
     print(f"Tokenizing `zh_law_corpus.txt` ({mb:.1f} MB) with cl100k_base, best of 3 runs. "
           f"`data.prepare` is the whole path: read, cut, tokenize, write .bin, sha256, meta.json.")
     print()
-    print("| what | processes | wall s | CPU s | MB/s | vs. tiktoken, 1 thread | speed-up |")
+    print("| what | workers | wall s | CPU s | MB/s | vs. tiktoken, 1 thread | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     wall, cpu = raw_1
     print(f"| tiktoken `encode_ordinary_batch(docs, num_threads=1)` | 1 | {wall:.2f} | {cpu:.2f} | "

@@ -42,12 +42,12 @@ Only the standard library, ``requests`` and ``torch`` are used: no numpy, no ``d
 """
 import argparse
 import array
+import collections
 import concurrent.futures
 import functools
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import pathlib
 import re
@@ -572,9 +572,12 @@ def _capped(docs, max_mb):
 # memory-mapped: the OS pages in only the windows a batch touches.
 #
 # Parallelism: documents are grouped into tasks of about PIECE_CHARS characters (a long document
-# is cut at a line break); worker processes encode tasks while the main process reads the source
-# and writes results in order. The tasks do not depend on the number of processes, so 1 or 16
-# processes write identical files.
+# is cut at a line break); `num_proc` worker threads encode tasks while the main thread reads the
+# source and writes results in order. Threads, not processes: tiktoken's encoder is Rust code
+# that releases Python's GIL while it works, so threads really run on separate cores — and they
+# share the text and the encoder instead of copying them to other processes and back (measured
+# here on 32 MB: 1.96× with 2 threads against 1.58× with 2 processes). The tasks do not depend
+# on the number of workers, so 1 or 16 write identical files.
 
 PIECE_CHARS = 1 << 18  # ≈ 256 K characters per task: many tasks per core, little overhead each
 BPE_TRAIN_MB = 10  # our own BPE learns from at most this much training text, so it takes seconds
@@ -614,7 +617,7 @@ def _tasks(docs):
         yield split_now, pieces, ends
 
 
-_WORKER = {}  # this process's encoder: {"spec", "enc", "eot", "itemsize"}
+_WORKER = {}  # the encoder all workers share: {"spec", "enc", "eot", "itemsize"}
 
 
 def _get_encoder(spec):
@@ -623,7 +626,7 @@ def _get_encoder(spec):
 
 
 def _init_worker(spec, itemsize):
-    """Load the encoder once per process (a forked process inherits the parent's)."""
+    """Load the encoder once (tiktoken encoders are safe to share between threads)."""
     if _WORKER.get("spec") != spec:
         enc = _get_encoder(spec)
         _WORKER.update(spec=spec, enc=enc, eot=enc.eot_token)
@@ -635,8 +638,7 @@ def _ids_to_bytes(enc, text, itemsize):
     `itemsize` (2 or 4) bytes per id.
 
     tiktoken can hand back the ids as one packed uint32 buffer (what its encode_to_numpy uses)
-    instead of a list of Python ints; skipping the list saves about a fifth of the time. The
-    workers use no torch: a process forked after torch ran its thread pool can hang in it.
+    instead of a list of Python ints; skipping the list saves about a fifth of the time.
     """
     fast = getattr(getattr(enc, "_core_bpe", None), "encode_to_tiktoken_buffer", None)
     ids = fast(text, set()) if fast else array.array("I", enc.encode_ordinary(text))
@@ -669,23 +671,19 @@ def _encode_task(task):
 
 
 def _encode_all(tasks, spec, itemsize, num_proc):
-    """Yield _encode_task results in order, computed on `num_proc` processes."""
+    """Yield _encode_task results in order, computed on `num_proc` worker threads."""
     _init_worker(spec, itemsize)
     if num_proc == 1:
         yield from map(_encode_task, tasks)
         return
-    methods = multiprocessing.get_all_start_methods()
-    # fork starts a worker in milliseconds with the encoder already loaded; spawn (macOS,
-    # Windows) starts a fresh interpreter that loads it in _init_worker.
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(num_proc, initializer=_init_worker, initargs=(spec, itemsize)) as pool:
-        pending = []  # at most 2 tasks per process in flight, so memory stays bounded
+    with concurrent.futures.ThreadPoolExecutor(num_proc) as pool:
+        pending = collections.deque()  # at most 2 tasks per worker in flight: bounded memory
         for task in tasks:
-            pending.append(pool.apply_async(_encode_task, (task,)))
+            pending.append(pool.submit(_encode_task, task))
             if len(pending) >= 2 * num_proc:
-                yield pending.pop(0).get()
-        for result in pending:
-            yield result.get()
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _tokenize(docs, spec, dtype_name, out, num_proc, verbose):
@@ -814,7 +812,7 @@ def prepare(dataset, tokenizer_name="gpt2", data_dir="data", max_mb=None, num_pr
     num_proc = max(1, num_proc or _cpu_count())
     if verbose:
         print(f"tokenizing {source.about} with {pathlib.Path(spec).name} ({dtype}) on "
-              f"{num_proc} process{'es' if num_proc > 1 else ''} ...", file=sys.stderr)
+              f"{num_proc} thread{'s' if num_proc > 1 else ''} ...", file=sys.stderr)
     started = time.time()
     with concurrent.futures.ThreadPoolExecutor(1) as helper:
         # hash the source files on a thread while the workers tokenize, instead of after them
@@ -985,7 +983,7 @@ def main(argv=None):
                         help="tokenize at most this many MB of training text (and a tenth of it "
                              "of validation text)")
     parser.add_argument("--num_proc", type=int, default=None,
-                        help="processes for tokenizing (default: all cores)")
+                        help="parallel tokenizing workers (default: all cores)")
     parser.add_argument("--vocab_size", type=int, default=8192,
                         help="vocabulary size when --tokenizer bpe")
     parser.add_argument("--data_dir", default="data", help="where raw and prepared data live")

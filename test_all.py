@@ -945,7 +945,7 @@ def test_second_prepare_does_no_tokenizing(tmp_path, monkeypatch, capsys):
     assert (first / "train.bin").stat().st_mtime_ns == stamp
 
 
-def test_one_and_two_processes_write_identical_files(tmp_path, monkeypatch):
+def test_one_and_two_workers_write_identical_files(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "PIECE_CHARS", 300)  # many small tasks, long lines cut into pieces
     path = tmp_path / "t.txt"
     path.write_text(TEXT, encoding="utf-8")

@@ -22,6 +22,7 @@ Next lesson: sample.py turns the checkpoint this file writes back into text.
 """
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -91,7 +92,7 @@ def parse_args(argv=None):
     a("--out_dir", default=None, help="checkpoint folder (default checkpoints/<model_type>)")
     a("--resume", action="store_true", help="continue exactly from out_dir/last.pt")
     a("--seed", type=int, default=1337, help="seed for weights, data order and dropout")
-    a("--num_proc", type=int, default=None, help="processes for tokenizing (default: all cores)")
+    a("--num_proc", type=int, default=None, help="parallel tokenizing workers (default: all cores)")
     args = p.parse_args(argv)
     for flag in ("batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
                  "max_iters", "vocab_size"):
@@ -433,7 +434,9 @@ def setup_distributed(device):
     if device == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    # A long timeout: the other ranks wait at a barrier while rank 0 downloads and tokenizes.
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(hours=6))
     return True, rank, world, device
 
 
@@ -625,6 +628,7 @@ def train(args, argv=()):
             print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}; "
                   f"checkpoints in {args.out_dir} — sample with: python sample.py --checkpoint {best_path}")
     if ddp:
+        dist.barrier()                                         # leave together: no rank tears down early
         dist.destroy_process_group()
     return {"iter_num": iter_num, "best_val_loss": best_val_loss, "history": history}
 
