@@ -9,7 +9,8 @@ What you will learn here, top to bottom:
   4. the loss: cross-entropy of the next token, in nats per token;
   5. generation: temperature, top-k, top-p (nucleus) sampling, streamed one token at a time,
      with the KV cache from attention.py making each new token cheap;
-  6. counting parameters and FLOPs (for MFU, the share of the hardware's peak we use).
+  6. counting parameters and FLOPs (for MFU, the share of the hardware's peak we use), and
+     loading saved weights whatever wrapper (torch.compile, DDP) they were saved from.
 
 You need: attention.py (Block, LayerNorm, KVCache).
 Next lesson: bpe.py — how text becomes the integer token ids this model reads.
@@ -239,3 +240,16 @@ class GPT(nn.Module):
         T = self.config.block_size if T is None else T
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+
+def strip_wrapper_prefixes(state_dict):
+    """Weights saved from a torch.compile'd or DDP-wrapped model carry "_orig_mod." or "module."
+    in front of every name; a bare GPT wants the names without them (train.py and sample.py
+    both load checkpoints through this)."""
+    clean = {}
+    for name, tensor in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        clean[name] = tensor
+    return clean

@@ -29,7 +29,7 @@ import sys
 import torch
 
 from bpe import get_tokenizer
-from gpt import GPT, PRESETS, GPTConfig
+from gpt import GPT, PRESETS, GPTConfig, strip_wrapper_prefixes
 
 TRAIN_HINT = "python train.py --model_type gpt-micro --dataset chinese"
 ENDOFTEXT = "<|endoftext|>"
@@ -112,18 +112,6 @@ def load_tokenizer(entry):
     except Exception as e:
         name = entry.get("name") if isinstance(entry, dict) else entry
         raise SampleError(f"cannot rebuild the checkpoint's tokenizer {name!r}: {e}")
-
-
-def strip_wrapper_prefixes(state_dict):
-    """Weights saved from a torch.compile'd or DDP-wrapped model carry "_orig_mod." or "module."
-    in front of every name; the bare GPT wants the names without them."""
-    clean = {}
-    for name, tensor in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        clean[name] = tensor
-    return clean
 
 
 def build_model(ckpt, path, device):

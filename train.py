@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import data
-from gpt import GPT, PRESETS, GPTConfig
+from gpt import GPT, PRESETS, GPTConfig, strip_wrapper_prefixes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,17 +320,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def clean_state_dict(state_dict):
-    """Strip the prefixes torch.compile (`_orig_mod.`) and DDP (`module.`) add to names."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
-
-
 def tokenizer_entry(meta):
     """What a checkpoint stores to rebuild the tokenizer: the name of a tiktoken encoding, or
     our own BPE in full (ranks, pattern, special tokens), so the checkpoint is self-contained."""
@@ -492,7 +481,7 @@ def train(args, argv=()):
 
     if args.resume:
         ckpt = load_resume_checkpoint(last_path, args, meta)
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
+        model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
