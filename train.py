@@ -168,9 +168,9 @@ def gpu_peak_flops(device):
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in GPU_PEAK_FLOPS.items():
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):    # "L40S" before "L4"
         if key in name:
-            return flops
+            return GPU_PEAK_FLOPS[key]
     return None
 
 
@@ -329,7 +329,7 @@ def tokenizer_entry(meta):
     return bpe.BPETokenizer.load(name).to_dict()
 
 
-def load_resume_checkpoint(path, args, meta):
+def load_resume_checkpoint(path, args):
     """Load last.pt, refusing one from another model, dataset or tokenizer."""
     if not os.path.exists(path):
         raise TrainError(f"--resume, but there is no checkpoint at {path} — start without --resume")
@@ -337,6 +337,11 @@ def load_resume_checkpoint(path, args, meta):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise TrainError(f"{path} is not a readable checkpoint ({type(e).__name__}) — delete it or pick another --out_dir")
+    missing = [k for k in ("model", "optimizer", "scaler", "iter_num", "best_val_loss", "train_args", "rng",
+                           "data_state") if not (isinstance(ckpt, dict) and k in ckpt)]
+    if missing:
+        raise TrainError(f"{path} lacks {', '.join(missing)}: not a resume point written by train.py — "
+                         f"start without --resume in another --out_dir")
     old = ckpt["train_args"]
     for key in ("model_type", "dataset", "tokenizer", "vocab_size", "block_size", "bias"):
         if key == "vocab_size" and old.get("tokenizer") != "bpe":
@@ -480,7 +485,7 @@ def train(args, argv=()):
     log_path = os.path.join(args.out_dir, "log.jsonl")
 
     if args.resume:
-        ckpt = load_resume_checkpoint(last_path, args, meta)
+        ckpt = load_resume_checkpoint(last_path, args)
         model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt["scaler"]:
