@@ -47,24 +47,17 @@ def peer_dir(env_name):
     return pathlib.Path(path)
 
 
-def best_ms(fn, repeat, warmup=3):
-    """Median wall time of fn() in ms over `repeat` runs, after warm-up runs."""
+def best_seconds(fn, repeat=1, warmup=0):
+    """Fastest wall time of fn() in seconds over `repeat` runs, after `warmup` untimed runs
+    (the machine is shared, so the fastest run is the least disturbed one)."""
     for _ in range(warmup):
         fn()
-    times = []
+    best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def timed(fn):
-    """Seconds one call of fn() takes."""
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def paired_ms(fns, repeat=200, warmup=5):
@@ -142,8 +135,8 @@ def bench_model():
             prompt = torch.randint(0, vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
             seconds = {}
             for use_cache in (True, False):
-                seconds[use_cache] = min(timed(lambda: mini.generate(prompt, 256, temperature=0, use_cache=use_cache))
-                                         for _ in range(3))
+                seconds[use_cache] = best_seconds(lambda: mini.generate(prompt, 256, temperature=0, use_cache=use_cache),
+                                                repeat=3)
             rows.append([f"{vocab_size:,}", prompt_len, f"{256 / seconds[True]:,.0f}", f"{256 / seconds[False]:,.0f}",
                          f"{seconds[False] / seconds[True]:.1f}×"])
     table(["vocab", "prompt tokens", "tokens/s with cache", "tokens/s without", "cache speed-up"], rows)
@@ -321,16 +314,6 @@ def _read_mb(name, mb):
     return data.decode("utf-8", errors="ignore")
 
 
-def _seconds(fn, repeat=1):
-    """Best wall time of `repeat` runs (the machine is shared, so the best is the least noisy)."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _minbpe():
     """minbpe's package from MINBPE_DIR, or None."""
     path = os.environ.get("MINBPE_DIR")
@@ -348,11 +331,11 @@ def _bench_training(bpe, minbpe):
     runs = [(1, 300, ""), (1, 1024, "≤ 2 s"), (5, 4096, "≤ 30 s")]
     for mb, vocab, goal in runs:
         text = _read_mb("tang_poems.txt", mb)
-        s = _seconds(lambda: bpe.BPETokenizer.train(text, vocab))
+        s = best_seconds(lambda: bpe.BPETokenizer.train(text, vocab))
         print(f"| bpe.py BPETokenizer.train | first {mb} MB | {vocab} | {s:.2f} | {goal} |")
     if minbpe is not None:
         text = _read_mb("tang_poems.txt", 1)
-        s = _seconds(lambda: minbpe.RegexTokenizer().train(text, 300))
+        s = best_seconds(lambda: minbpe.RegexTokenizer().train(text, 300))
         print(f"| minbpe RegexTokenizer.train | first 1 MB | 300 | {s:.2f} "
               f"| (same shape as row 1) |")
     else:
@@ -381,12 +364,12 @@ def _bench_encoding(bpe, minbpe):
             assert ours.encode_ordinary(text) == expected
 
         expected = enc.encode_ordinary(text)
-        t_ours = _seconds(run_ours, repeat=2)
-        t_tik = _seconds(lambda: enc.encode_ordinary(text), repeat=3)
+        t_ours = best_seconds(run_ours, repeat=2)
+        t_tik = best_seconds(lambda: enc.encode_ordinary(text), repeat=3)
         cell = "—"
         if theirs is not None:
             slice_ = text[:len(text) // 10]  # 100 KB: minbpe is too slow for a whole MB
-            t_min = _seconds(lambda: theirs.encode_ordinary(slice_))
+            t_min = best_seconds(lambda: theirs.encode_ordinary(slice_))
             cell = f"{len(slice_.encode('utf-8')) / 1e6 / t_min:.3f} (on 100 KB)"
         print(f"| {name} (1 MB) | {mb / t_ours:.2f} | {mb / t_tik:.2f} | {cell} | "
               f"1/{t_ours / t_tik:.1f} | {goal} |")
@@ -407,9 +390,9 @@ def _bench_long_piece(bpe):
         piece = "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(n))
         data = piece.encode("utf-8")
         expected = enc.encode_ordinary(piece)
-        t_enc = _seconds(lambda: ours.encode_ordinary(piece))
-        t_heap = _seconds(lambda: bpe.merge_piece_heap(data, ours.ranks))
-        t_tik = _seconds(lambda: enc.encode_ordinary(piece))
+        t_enc = best_seconds(lambda: ours.encode_ordinary(piece))
+        t_heap = best_seconds(lambda: bpe.merge_piece_heap(data, ours.ranks))
+        t_tik = best_seconds(lambda: enc.encode_ordinary(piece))
         assert ours.encode_ordinary(piece) == expected == bpe.merge_piece_heap(data, ours.ranks)
         print(f"| {n:,} | {t_enc:.2f} | {t_heap:.2f} | {t_tik:.2f} |")
 
@@ -453,17 +436,6 @@ def bench_bpe():
 # sample: streamed generation speed, with and without the KV cache
 # ----------------------------------------------------------------------------------------------
 
-def seconds_for(fn, repeat=2):
-    """Best wall time of fn() over `repeat` runs, after one warm-up run."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def bench_sample(new_tokens=256, vocab_sizes=(50257, 8192)):
     """gpt-mini (random init), block_size 512, prompt "人工智能" in gpt2 tokens, 256 new tokens,
     greedy, streamed and decoded to text by sample.stream_text, not stopping at <|endoftext|>."""
@@ -491,7 +463,7 @@ def bench_sample(new_tokens=256, vocab_sizes=(50257, 8192)):
                 def generate():
                     return "".join(stream_text(model, enc, ids, new_tokens, temperature=0,
                                                use_cache=use_cache, stop_at_eot=False))
-                seconds = seconds_for(generate)
+                seconds = best_seconds(generate, repeat=2, warmup=1)
                 rate[use_cache] = new_tokens / seconds
                 rows.append([f"{vocab_size:,}", n_threads, "with KV cache" if use_cache else "without cache",
                              f"{seconds:.2f}", f"{rate[use_cache]:,.0f}", ""])
