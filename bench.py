@@ -22,6 +22,7 @@ if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
 import torch
+import torch.nn.functional as F
 
 
 def machine():
@@ -101,6 +102,66 @@ def fwd_bwd_step(model, x, y, dtype):
     model.zero_grad(set_to_none=True)
 
 
+def gpt_mini(vocab_size):
+    from gpt import GPT, GPTConfig
+    return GPT(GPTConfig.from_preset("gpt-mini", vocab_size=vocab_size, block_size=512)).eval()
+
+
+def bench_generation(new_tokens=256):
+    """gpt-mini, 256 new tokens, with and without the KV cache, on 1 thread and on all of them."""
+    print(f"## model — gpt-mini generation of {new_tokens} new tokens, with and without the KV cache, "
+          f"block 512, greedy, random weights ({machine()})\n")
+    default_threads = torch.get_num_threads()
+    rows = []
+    for vocab_size in (8192, 50257):                   # our BPE's default vocabulary; gpt2's
+        torch.manual_seed(0)
+        mini = gpt_mini(vocab_size)
+        for n_threads in sorted({1, default_threads}):
+            torch.set_num_threads(n_threads)
+            for prompt_len in (1, 256):
+                prompt = torch.randint(0, vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+                # Median of 3 runs each, cache and no cache in alternation (the machine is shared).
+                cached_ms, uncached_ms = paired_ms(
+                    [lambda: mini.generate(prompt, new_tokens, temperature=0, use_cache=True),
+                     lambda: mini.generate(prompt, new_tokens, temperature=0, use_cache=False)],
+                    repeat=3, warmup=1)
+                rows.append([f"{vocab_size:,}", n_threads, prompt_len, f"{new_tokens / cached_ms * 1000:,.0f}",
+                             f"{new_tokens / uncached_ms * 1000:,.0f}", f"{uncached_ms / cached_ms:.1f}×"])
+    torch.set_num_threads(default_threads)
+    table(["vocab", "threads", "prompt tokens", "tokens/s with cache", "tokens/s without", "cache speed-up"], rows)
+
+
+def bench_output_layer(n_embd=192):
+    """The output layer for one new token as GPT.stream computes it (x @ a (C, vocab) copy) and
+    as F.linear does (vocab dot products with the (vocab, C) rows). The matrix is evicted from
+    the caches before each call, as it is after a decoding step's pass through the other layers."""
+    print(f"## model — output layer for one token, C = {n_embd}, weights not in cache, 1 thread ({machine()})\n")
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    evict = torch.zeros(16 * 1024 * 1024)              # 64 MB, more than the last-level cache
+    rows = []
+    for vocab_size in (8192, 50257):
+        W = torch.randn(vocab_size, n_embd) * 0.02     # (vocab, C), as nn.Linear stores it
+        x = torch.randn(1, n_embd)
+        copy_ms = best_seconds(lambda: W.t().contiguous(), repeat=3) * 1000
+        W_t = W.t().contiguous()                       # (C, vocab)
+        median_us = {}
+        for name, fn in (("linear", lambda: F.linear(x, W)), ("copy", lambda: x @ W_t)):
+            times = []
+            for _ in range(31):
+                evict.add_(1.0)
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e6)
+            median_us[name] = sorted(times)[len(times) // 2]
+        saved_ms = (median_us["linear"] - median_us["copy"]) / 1000
+        rows.append([f"{vocab_size:,}", f"{median_us['linear']:,.0f}", f"{median_us['copy']:,.0f}",
+                     f"{median_us['linear'] / median_us['copy']:.1f}×", f"{copy_ms:.1f}",
+                     f"{copy_ms / saved_ms:.0f}" if saved_ms > 0 else "never"])
+    torch.set_num_threads(default_threads)
+    table(["vocab", "F.linear µs", "x @ (C, vocab) µs", "speed-up", "transposed copy ms", "break-even tokens"], rows)
+
+
 def bench_model():
     from gpt import GPT, GPTConfig
     print(f"## model — gpt-micro forward+backward, block 64, batch 12, vocab 65, no bias ({machine()})\n")
@@ -125,21 +186,8 @@ def bench_model():
                      f"{12 * 64 / o * 1000:,.0f}"])
     table(["dtype", "ours ms/iter", "nanoGPT ms/iter", "nanoGPT / ours", "ours tokens/s"], rows)
 
-    print(f"## model — gpt-mini generation of 256 new tokens, with and without the KV cache, block 512, "
-          f"greedy, random weights ({machine()})\n")
-    rows = []
-    for vocab_size in (8192, 50257):                   # our BPE's default vocabulary; gpt2's
-        torch.manual_seed(0)
-        mini = GPT(GPTConfig.from_preset("gpt-mini", vocab_size=vocab_size, block_size=512)).eval()
-        for prompt_len in (1, 256):
-            prompt = torch.randint(0, vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-            seconds = {}
-            for use_cache in (True, False):
-                seconds[use_cache] = best_seconds(lambda: mini.generate(prompt, 256, temperature=0, use_cache=use_cache),
-                                                repeat=3)
-            rows.append([f"{vocab_size:,}", prompt_len, f"{256 / seconds[True]:,.0f}", f"{256 / seconds[False]:,.0f}",
-                         f"{seconds[False] / seconds[True]:.1f}×"])
-    table(["vocab", "prompt tokens", "tokens/s with cache", "tokens/s without", "cache speed-up"], rows)
+    bench_generation()
+    bench_output_layer()
 
 
 # ----------------------------------------------------------------------------------------------

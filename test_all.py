@@ -234,6 +234,20 @@ def test_kv_cache_gives_the_same_greedy_tokens_as_recompute_past_block_size():
     assert torch.equal(with_cache, without)
 
 
+def test_greedy_generation_equals_argmax_of_forward_step_by_step():
+    # stream() scores tokens with its own transposed copy of the output matrix; the reference
+    # here is forward()'s lm_head on the whole (cropped) context, one token at a time. float64
+    # keeps near-ties from flipping an argmax.
+    model = tiny_gpt(seed=4, block_size=16).double().eval()
+    idx = torch.randint(0, 64, (2, 3), generator=torch.Generator().manual_seed(2))
+    generated = model.generate(idx, 30, temperature=0)
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = model(idx[:, -16:])
+            idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, idx)
+
+
 def test_stream_yields_the_tokens_generate_returns():
     model = tiny_gpt().eval()
     prompt = torch.randint(0, 64, (1, 4))
