@@ -44,16 +44,26 @@ class SampleError(Exception):
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name="auto"):
-    """--device auto picks the fastest device present: an NVIDIA GPU, then Apple's (mps), then the CPU."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SampleError(f"--device {name}: no CUDA GPU is available here (try --device cpu)")
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """--device auto picks the fastest device present: an NVIDIA GPU, then Apple's (mps), then the CPU.
+    An explicit name (cpu, cuda, cuda:1, mps) is checked here, so a typo fails in one line."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SampleError(f"--device {name}: not a device — use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SampleError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here "
+                          f"(try --device cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SampleError(f"--device {name}: this torch has no Apple-GPU support (try --device cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise SampleError(f"--device {name}: sample.py runs on cpu, cuda or mps")
+    return name
 
 
 def newest_checkpoint(root="checkpoints"):

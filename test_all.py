@@ -1712,6 +1712,14 @@ def test_a_score_file_that_is_empty_or_not_utf8_is_one_clear_error_line(capsys, 
     assert err.startswith("error: ") and says in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("device,says", [("gpu", "not a device"), ("xla", "runs on cpu, cuda or mps"),
+                                         (f"cuda:{torch.cuda.device_count()}", "CUDA GPU(s) here")])
+def test_a_device_that_is_not_here_is_one_clear_error_line(capsys, gpt2_checkpoint, device, says):
+    rc, out, err = _run_main(capsys, ["--checkpoint", str(gpt2_checkpoint), "--device", device])
+    assert rc == 1 and out == ""
+    assert err.startswith(f"error: --device {device}: ") and says in err and err.count("\n") == 1
+
+
 def test_with_no_checkpoint_flag_and_none_trained_the_error_says_how_to_train_one(capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     rc, out, err = _run_main(capsys, ["--prompt", "人工智能"])
