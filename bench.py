@@ -127,8 +127,16 @@ def bench_generation(new_tokens=256):
                     repeat=3, warmup=1)
                 rows.append([f"{vocab_size:,}", n_threads, prompt_len, f"{new_tokens / cached_ms * 1000:,.0f}",
                              f"{new_tokens / uncached_ms * 1000:,.0f}", f"{uncached_ms / cached_ms:.1f}×"])
-    torch.set_num_threads(default_threads)
     table(["vocab", "threads", "prompt tokens", "tokens/s with cache", "tokens/s without", "cache speed-up"], rows)
+    # The fixed cost of a cached step's ~170 torch calls: the same depth, almost no weights.
+    from gpt import GPT, GPTConfig
+    torch.set_num_threads(1)
+    thin = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=12, vocab_size=256, block_size=512)).eval()
+    one_token = torch.zeros(1, 1, dtype=torch.long)
+    thin_ms = paired_ms([lambda: thin.generate(one_token, new_tokens, temperature=0)], repeat=3, warmup=1)[0]
+    print(f"Per-call floor: a model as deep as gpt-mini but 12 wide takes {thin_ms / new_tokens:.2f} ms "
+          f"per cached token (1-token prompt, 1 thread).\n")
+    torch.set_num_threads(default_threads)
 
 
 def bench_output_layer(n_embd=192):
