@@ -143,9 +143,9 @@ def bench_output_layer(n_embd=192):
     """The output layer for one new token as GPT.stream computes it (x @ a (C, vocab) copy) and
     as F.linear does (vocab dot products with the (vocab, C) rows). The matrix is evicted from
     the caches before each call, as it is after a decoding step's pass through the other layers."""
-    print(f"## model — output layer for one token, C = {n_embd}, weights not in cache, 1 thread ({machine()})\n")
     default_threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    print(f"## model — output layer for one token, C = {n_embd}, weights not in cache ({machine()})\n")
     evict = torch.zeros(16 * 1024 * 1024)              # 64 MB, more than the last-level cache
     rows = []
     for vocab_size in (8192, 50257):
@@ -398,16 +398,20 @@ def _bench_training(bpe, minbpe):
         print("| minbpe | — | — | — | set MINBPE_DIR to a minbpe checkout to compare |")
 
 
-def _bench_encoding(bpe, minbpe):
+def _cl100k_pair(bpe):
+    """Our BPETokenizer and tiktoken's encoder, both with cl100k_base's official ranks."""
     import tiktoken
+    ours = bpe.BPETokenizer.from_tiktoken("cl100k_base")
+    ours.encode_ordinary("预热 warm-up")  # builds the per-vocabulary boundary table once
+    return ours, tiktoken.get_encoding("cl100k_base")
 
+
+def _bench_encoding(bpe, minbpe):
     print("\n### Encoding speed with cl100k_base ranks (MB/s, higher is better)\n")
     print("| text | bpe.py | tiktoken (1 thread) | minbpe GPT4Tokenizer | bpe.py / tiktoken "
           "| goal |")
     print("|---|---:|---:|---:|---:|---|")
-    ours = bpe.BPETokenizer.from_tiktoken("cl100k_base")
-    ours.encode_ordinary("预热 warm-up")  # builds the per-vocabulary boundary table once
-    enc = tiktoken.get_encoding("cl100k_base")
+    ours, enc = _cl100k_pair(bpe)
     theirs = minbpe.GPT4Tokenizer() if minbpe is not None else None
     goals = {"tinyshakespeare.txt": "≥ 1/4", "tang_poems.txt": "", "zh_wiki_sample.txt": "≥ 1/8"}
     for name, goal in goals.items():
@@ -432,15 +436,11 @@ def _bench_encoding(bpe, minbpe):
 
 
 def _bench_long_piece(bpe):
-    import tiktoken
-
     print("\n### One pre-token of N random Han characters (cl100k_base)\n")
     print("| N chars | bpe.py encode_ordinary (s) | bpe.py heap merge alone, no segmenting (s) | "
           "tiktoken (s) |")
     print("|---:|---:|---:|---:|")
-    ours = bpe.BPETokenizer.from_tiktoken("cl100k_base")
-    ours.encode_ordinary("预热 warm-up")  # builds the per-vocabulary boundary table once
-    enc = tiktoken.get_encoding("cl100k_base")
+    ours, enc = _cl100k_pair(bpe)
     rng = random.Random(0)
     for n in (25_000, 50_000, 100_000):
         piece = "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(n))

@@ -540,6 +540,13 @@ class BPETokenizer:
 
     # -- encoding -------------------------------------------------------------------------------
 
+    def _remember(self, cache, text, ids):
+        """Keep the ids of a short text in a cache; a full cache is emptied first (cheap, rare)."""
+        if len(text) <= self.CACHE_MAX_PIECE:
+            if len(cache) >= self.CACHE_SIZE:
+                cache.clear()
+            cache[text] = ids
+
     def _encode_new_piece(self, piece):
         """Ids of a piece (str) not in the cache: whole token, else merge per closed segment."""
         data = piece.encode("utf-8")
@@ -555,10 +562,7 @@ class BPETokenizer:
             segment_ids = cache.get(segment)
             if segment_ids is None:
                 segment_ids = merge_piece(segment.encode("utf-8"), self.ranks)
-                if len(segment) <= self.CACHE_MAX_PIECE:
-                    if len(cache) >= self.CACHE_SIZE:
-                        cache.clear()
-                    cache[segment] = segment_ids
+                self._remember(cache, segment, segment_ids)
             ids += segment_ids
         return ids
 
@@ -570,10 +574,7 @@ class BPETokenizer:
             piece_ids = cache.get(piece)
             if piece_ids is None:
                 piece_ids = self._encode_new_piece(piece)
-                if len(piece) <= self.CACHE_MAX_PIECE:
-                    if len(cache) >= self.CACHE_SIZE:
-                        cache.clear()
-                    cache[piece] = piece_ids
+                self._remember(cache, piece, piece_ids)
             ids += piece_ids
         return ids
 
