@@ -1,6 +1,6 @@
 """Lesson 1 — attention: the one idea a transformer is built on.
 
-What you will learn here, top to bottom:
+What you will learn here, numbered as the section banners:
   1. scaled dot-product attention written out as the formula softmax(q·kᵀ/√d + mask)·v,
      with the causal mask (and the offset it needs once a KV cache is in play);
   2. LayerNorm and GELU written out, so nothing in the model is a black box (the modules
@@ -9,6 +9,7 @@ What you will learn here, top to bottom:
   4. multi-head causal self-attention: one fused q/k/v projection, splitting into heads,
      merging back, and a KV cache that makes generation fast;
   5. the transformer Block: pre-LayerNorm residual wiring of the two sub-layers.
+Optional sections: none — every line here is the lesson.
 
 You need: Python and a little PyTorch (tensors, nn.Module). Nothing of ours comes before this.
 Next lesson: gpt.py stacks these Blocks into a whole language model.

@@ -266,7 +266,7 @@ def bench_train_throughput():
     torch.manual_seed(0)
     ours = GPT(GPTConfig(**shape))
     args = _argparse.Namespace(lr=1e-3, weight_decay=0.1, beta2=0.99)
-    opt = train.make_optimizer(ours, args, "cpu")
+    opt = train.make_optimizer(ours, args)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
 
     def our_step():
@@ -591,6 +591,9 @@ SECTIONS = {
 
 def main():
     wanted = sys.argv[1:] or ["all"]
+    if {"-h", "--help"} & set(wanted):
+        print(f"usage: python bench.py [{' | '.join(SECTIONS)} | all] ...\n\n{__doc__}")
+        return
     names = list(SECTIONS) if "all" in wanted else wanted
     for name in names:
         if name not in SECTIONS:

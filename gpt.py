@@ -1,16 +1,17 @@
 """Lesson 2 — GPT: a decoder-only language model built from attention Blocks.
 
-What you will learn here, top to bottom:
+What you will learn here, numbered as the section banners:
   1. the model's few hyper-parameters (GPTConfig) and the standard sizes (PRESETS), from a
      3-layer toy that trains in seconds on a laptop up to GPT-2 XL;
   2. the GPT itself: token + position embeddings → n_layer Blocks → LayerNorm → a language-model
-     head that shares its matrix with the token embedding (weight tying);
-  3. GPT-2's initialisation, and why the residual projections start smaller;
-  4. the loss: cross-entropy of the next token, in nats per token;
-  5. generation: temperature, top-k, top-p (nucleus) sampling, streamed one token at a time,
+     head that shares its matrix with the token embedding (weight tying); GPT-2's initialisation
+     and why the residual projections start smaller; the loss, cross-entropy of the next token
+     in nats per token;
+  3. generation: temperature, top-k, top-p (nucleus) sampling, streamed one token at a time,
      with the KV cache from attention.py making each new token cheap;
-  6. counting parameters and FLOPs (for MFU, the share of the hardware's peak we use), and
-     loading saved weights whatever wrapper (torch.compile, DDP) they were saved from.
+  4. size and cost: counting parameters and FLOPs (for MFU, the share of the hardware's peak we
+     use), and loading saved weights whatever wrapper (torch.compile, DDP) they were saved from.
+Optional sections: none — every line here is the lesson.
 
 You need: attention.py (Block, LayerNorm, KVCache).
 Next lesson: bpe.py — how text becomes the integer token ids this model reads.
@@ -163,7 +164,12 @@ class GPT(nn.Module):
             raise ValueError(f"need temperature ≥ 0, top_k ≥ 1, 0 < top_p ≤ 1 (got {temperature}, {top_k}, {top_p})")
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
-        logits = logits / temperature
+        # Subtract the largest logit first: the softmax is unchanged, the best token's logit
+        # becomes 0 and the rest ≤ 0. Then even a tiny temperature gives 0 and −∞ (probability 1
+        # and 0: greedy, as it should be), never ∞ − ∞ = NaN. In float32, since float16 would
+        # round a temperature below 6e-5 to 0, and 1e-30 is about the least float32 holds.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, 1e-30)
         if top_k is not None and top_k < logits.size(-1):
             kth_best = torch.topk(logits, top_k, dim=-1).values[:, [-1]]    # (B, 1)
             logits = logits.masked_fill(logits < kth_best, float("-inf"))

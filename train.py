@@ -1,34 +1,44 @@
 """Lesson 5 — training: the whole loop in plain code.
 
-What you will learn here, top to bottom:
-  1. the command line: every knob of a training run, with a default that works on a CPU;
-  2. device and precision: CUDA / MPS / CPU, bfloat16 or float16 autocast, and why float16
-     needs a GradScaler while bfloat16 does not;
-  3. the optimizer (AdamW, weight decay only on matrices) and the learning-rate schedule
-     (linear warm-up, then cosine decay);
-  4. one optimisation step: gradient accumulation over micro-batches, unscaling, clipping;
-  5. evaluation in nats/token, perplexity and bits per byte (comparable across tokenizers);
-  6. checkpoints written atomically, and an *exact* resume: model, optimizer, scaler, data
-     position and every random number generator come back as they were;
-  7. the loop itself — a visible `while`, no trainer class — with logging, a loss plot,
-     clean stops on Ctrl-C / SIGTERM, and multi-GPU training with DDP (torchrun).
+What you will learn here, numbered as the section banners:
+  1. device and precision: CUDA / MPS / CPU, bfloat16 or float16 autocast, and why float16 needs
+     a GradScaler while bfloat16 does not;
+  2. the optimizer (AdamW, weight decay only on matrices) and the learning-rate schedule (linear
+     warm-up, then cosine decay);
+  3. one optimisation step: gradient accumulation over micro-batches, unscaling, clipping;
+  4. evaluation in nats/token, perplexity and bits per byte (comparable across tokenizers);
+  5. the checkpoint: one function builds it and says who reads each key; reading one back safely;
+  6. the run: setting it up (fresh, resumed exactly, or started from another model's weights),
+     the loop itself — a visible `while`, no trainer class — and evaluating and saving.
+Optional sections, for a second reading:
+  7. (optional) progress: log lines with tokens/s and MFU, log.jsonl, loss.svg, and a sample of
+     the model's writing while it trains (--sample_every);
+  8. (optional) the run folder: one run at a time (a lock), checked before any work, a log that
+     rewinds on resume, and clean stops on Ctrl-C / SIGTERM;
+  9. (optional) several processes: DDP under torchrun, on one machine or several;
+ 10. (optional) the command line: every knob, with a default that works on a CPU.
 
-You need: gpt.py (the model), bpe.py (tokenizers), data.py (token files and batches).
+You need: gpt.py (the model), bpe.py (tokenizers, decode_stream), data.py (prepare, token files
+and batches).
 Next lesson: sample.py turns the checkpoint this file writes back into text.
 
-    python train.py --model_type gpt-micro --dataset chinese --tokenizer bpe --max_iters 2000
-    python train.py --model_type gpt-micro --dataset chinese --tokenizer bpe --resume
+    python train.py --model_type gpt-micro --dataset chinese --max_iters 2000
+    python train.py --model_type gpt-micro --dataset chinese --max_iters 4000 --resume
+    python train.py --init_from checkpoints/gpt-micro/best_model.pt --dataset my_notes.txt --out_dir checkpoints/notes
     torchrun --nproc_per_node 2 train.py --model_type gpt-mini --dataset chinese
 """
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
 import os
+import pathlib
 import random
 import shlex
 import signal
+import socket
 import sys
 import time
 
@@ -38,114 +48,45 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import bpe
 import data
+from bpe import InputError
 from gpt import GPT, PRESETS, GPTConfig, strip_wrapper_prefixes
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. The command line
+# 1. Device and precision
 # ----------------------------------------------------------------------------------------------
 
-# What each preset trains well with when a flag is not given. nano/micro/mini are sized for a
-# CPU (a few thousand iterations in minutes to an hour); gpt-small and the GPT-2 sizes want a GPU
-# (for GPT-2's ~0.5M tokens per step, add --grad_accum 40 as nanoGPT does).
-PRESET_DEFAULTS = {
-    "gpt-nano":    dict(block_size=64,   batch_size=32, lr=2e-3, max_iters=2000, warmup_iters=100),
-    "gpt-micro":   dict(block_size=128,  batch_size=32, lr=1e-3, max_iters=5000, warmup_iters=100),
-    "gpt-mini":    dict(block_size=256,  batch_size=32, lr=1e-3, max_iters=5000, warmup_iters=200),
-    "gpt-small":   dict(block_size=512,  batch_size=16, lr=6e-4, max_iters=20000, warmup_iters=500),
-    "gpt2":        dict(block_size=1024, batch_size=12, lr=6e-4, max_iters=600000, warmup_iters=2000),
-    "gpt2-medium": dict(block_size=1024, batch_size=12, lr=3e-4, max_iters=600000, warmup_iters=2000),
-    "gpt2-large":  dict(block_size=1024, batch_size=8,  lr=2.5e-4, max_iters=600000, warmup_iters=2000),
-    "gpt2-xl":     dict(block_size=1024, batch_size=4,  lr=2e-4, max_iters=600000, warmup_iters=2000),
-}
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train a GPT from scratch (see the module docstring).")
-    a = p.add_argument
-    a("--model_type", default="gpt-micro", choices=list(PRESETS), help="model size preset (gpt.py PRESETS)")
-    a("--dataset", default="chinese", help="chinese | wikitext | wikitext2 | shakespeare | a .txt/.jsonl file or folder")
-    a("--tokenizer", default="bpe", help="gpt2 | cl100k_base | bpe (train our own BPE once) | path to a saved BPE")
-    a("--vocab_size", type=int, default=8192, help="vocabulary size when --tokenizer bpe")
-    a("--data_dir", default="data", help="where raw downloads and token files live")
-    a("--max_mb", type=float, default=None, help="tokenize at most this many MB of text (quick first runs)")
-    a("--epochs", type=float, default=None, help="train this many passes over the training tokens")
-    a("--max_iters", type=int, default=None, help="number of optimizer steps (overrides --epochs)")
-    a("--lr_decay_iters", type=int, default=None, help="length of the cosine schedule (default: the run's length)")
-    a("--batch_size", type=int, default=None, help="sequences per micro-batch (per GPU)")
-    a("--block_size", type=int, default=None, help="context length in tokens")
-    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    a("--lr", type=float, default=None, help="peak learning rate")
-    a("--min_lr", type=float, default=None, help="learning rate at the end of the cosine (default lr/10)")
-    a("--warmup_iters", type=int, default=None, help="steps of linear warm-up")
-    a("--weight_decay", type=float, default=0.1, help="AdamW weight decay, on 2-D weights only")
-    a("--beta2", type=float, default=None, help="AdamW β2 (default 0.99 for the small presets, 0.95 for gpt2*)")
-    a("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    a("--dropout", type=float, default=0.0, help="dropout rate (0.1–0.2 helps on small data)")
-    a("--bias", type=int, default=1, choices=[0, 1], help="biases in Linear and LayerNorm layers")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast precision")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
-    a("--compile", action="store_true", help="torch.compile the model (faster on GPU after a warm-up)")
-    a("--eval_interval", type=int, default=250, help="evaluate and save last.pt every N steps")
-    a("--eval_iters", type=int, default=20, help="batches per evaluation estimate")
-    a("--log_interval", type=int, default=10, help="print a progress line every N steps")
-    a("--out_dir", default=None, help="checkpoint folder (default checkpoints/<model_type>)")
-    a("--resume", action="store_true", help="continue exactly from out_dir/last.pt")
-    a("--seed", type=int, default=1337, help="seed for weights, data order and dropout")
-    a("--num_proc", type=int, default=None, help="parallel tokenizing workers (default: all cores)")
-    args = p.parse_args(argv)
-    for flag in ("batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
-                 "max_iters", "vocab_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag} must be at least 1, not {value}")
-    if args.beta2 is None:
-        # β2 = 0.99 averages the squared gradients over ~100 steps: steadier for the small, noisy
-        # batches of a CPU run; large batches on GPUs take 0.95 (nanoGPT's GPT-2 setting).
-        args.beta2 = 0.95 if args.model_type.startswith("gpt2") else 0.99
-    for key, value in PRESET_DEFAULTS[args.model_type].items():
-        if key != "max_iters" and getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.min_lr is None:
-        args.min_lr = args.lr / 10
-    if args.out_dir is None:
-        args.out_dir = os.path.join("checkpoints", args.model_type)
-    return args
-
-
-class TrainError(Exception):
-    """A problem the user can fix; main() prints it as one line and exits 1."""
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Device and precision
-# ----------------------------------------------------------------------------------------------
-
-def pick_device(name):
-    """'auto' → cuda, then mps, then cpu; an explicit choice is checked."""
+def pick_device(name="auto"):
+    """'auto' → an NVIDIA GPU (cuda), then Apple's (mps), then the CPU. An explicit name (cpu,
+    cuda, cuda:1, mps) is checked here, so a typo fails in one line. sample.py uses this too."""
     if name == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda, but torch sees no CUDA GPU — use --device cpu (or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise TrainError("--device mps, but this torch has no Apple-GPU support — use --device cpu")
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device — use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here "
+                         f"(try --device cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: this torch has no Apple-GPU support (try --device cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device {name}: this project runs on cpu, cuda or mps")
     return name
 
 
 def pick_dtype(name, device):
-    """float32 on CPU unless asked; on a GPU bfloat16 if supported, else float16.
+    """float32 on a CPU unless asked; on a GPU bfloat16 if supported, else float16.
 
     bfloat16 keeps float32's 8 exponent bits (same range, fewer digits), so gradients never
     underflow. float16 has only 5 exponent bits: small gradients round to 0, which is why it
-    needs a GradScaler (below).
+    needs a GradScaler (section 3).
     """
     if name != "auto":
         return name
-    if device == "cuda":
+    if device.startswith("cuda"):
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     return "float32"
 
@@ -154,31 +95,14 @@ def autocast_context(device, dtype):
     """Matmuls in the low-precision dtype, reductions (softmax, loss) kept in float32."""
     if dtype == "float32":
         return contextlib.nullcontext()
-    device_type = "cuda" if device.startswith("cuda") else device
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
-
-# Dense bf16/fp16 tensor-core peaks, in FLOP/s, from the vendors' data sheets (no sparsity).
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                  "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
-
-
-def gpu_peak_flops(device):
-    """The GPU's bf16/fp16 peak, looked up by name, or None (then MFU is not shown)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):    # "L40S" before "L4"
-        if key in name:
-            return GPU_PEAK_FLOPS[key]
-    return None
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, dtype))
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Optimizer and learning-rate schedule
+# 2. Optimizer and learning-rate schedule
 # ----------------------------------------------------------------------------------------------
 
-def make_optimizer(model, args, device):
+def make_optimizer(model, args):
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only.
 
     Decay pulls weights towards 0, a regulariser for the matrices that do the work; biases and
@@ -200,9 +124,9 @@ def make_optimizer(model, args, device):
 def learning_rate(it, args, total_iters):
     """Linear warm-up from 0 to lr over warmup_iters, then cosine decay to min_lr.
 
-    Warm-up: Adam's moment estimates are noisy for the first steps, and large early updates
-    can wreck the fresh model. Cosine: big steps while far from a minimum, small steps to
-    settle into it; lr(t) = min_lr + ½(1 + cos(π·t))·(lr − min_lr), t going 0 → 1.
+    Warm-up: Adam's moment estimates are noisy for the first steps, and large early updates can
+    wreck the fresh model. Cosine: big steps while far from a minimum, small steps to settle into
+    it; lr(t) = min_lr + ½(1 + cos(π·t))·(lr − min_lr), t going 0 → 1.
     """
     if it < args.warmup_iters:
         return args.lr * (it + 1) / args.warmup_iters
@@ -214,30 +138,29 @@ def learning_rate(it, args, total_iters):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. One optimisation step
+# 3. One optimisation step
 # ----------------------------------------------------------------------------------------------
 
 def forward_backward(model, next_batch, grad_accum, autocast_ctx, scaler, ddp=False):
     """Run grad_accum micro-batches, accumulating their gradients; return the mean loss.
 
-    Gradients add up across backward() calls. Each micro-batch's loss is a *mean* over its
-    tokens, so dividing it by grad_accum makes the sum of the micro-gradients equal the
-    gradient of the mean over the whole (batch_size × grad_accum) batch — the same step a
-    single big batch would take, in a fraction of the memory.
+    Gradients add up across backward() calls. Each micro-batch's loss is a *mean* over its tokens,
+    so dividing it by grad_accum makes the sum of the micro-gradients equal the gradient of the
+    mean over the whole (batch_size × grad_accum) batch — the same step one big batch would take,
+    in a fraction of the memory.
     """
     total = 0.0
     for micro in range(grad_accum):
         x, y = next_batch()
-        # DDP all-reduces gradients inside backward(); doing that once, on the last micro-
-        # batch, instead of after every one, saves grad_accum − 1 rounds of communication.
+        # DDP all-reduces gradients inside backward(); doing that once, on the last micro-batch,
+        # instead of after every one, saves grad_accum − 1 rounds of communication.
         last = micro == grad_accum - 1
-        sync = contextlib.nullcontext() if (last or not ddp) else model.no_sync()
-        with sync:
+        with contextlib.nullcontext() if (last or not ddp) else model.no_sync():
             with autocast_ctx:
                 _, loss = model(x, y)
             loss = loss / grad_accum
-            # The scaler multiplies the loss by S (e.g. 65536) so float16 gradients stay
-            # above underflow; it divides them back before the optimizer sees them.
+            # The scaler multiplies the loss by S (e.g. 65536) so float16 gradients stay above
+            # underflow; it divides them back before the optimizer sees them.
             scaler.scale(loss).backward()
         total += loss.detach()
     return total
@@ -249,8 +172,8 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     scale_before = scaler.get_scale()
-    # With float16 an inf/NaN gradient means the scale was too high: the scaler skips the
-    # step and halves S. With bfloat16/float32 the scaler is disabled and always steps.
+    # With float16 an inf/NaN gradient means the scale was too high: the scaler skips the step
+    # and halves S. With bfloat16/float32 the scaler is disabled and always steps.
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -259,17 +182,17 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Evaluation
+# 4. Evaluation
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def estimate_loss(model, tokens_by_split, args, device, autocast_ctx, seed):
-    """Mean loss over eval_iters random batches of each split.
+    """Mean loss over eval_iters random batches of each split, in nats/token.
 
     The batches come from a generator with a fixed seed, never from the global RNG: every
     evaluation then measures the same batches (so "best" means better, not luckier), and it
-    cannot shift the random numbers the training draws (dropout) — which is what keeps a
-    resumed run identical to an uninterrupted one.
+    cannot shift the random numbers the training draws (dropout) — which is what keeps a resumed
+    run identical to an uninterrupted one.
     """
     model.eval()
     out = {}
@@ -287,95 +210,400 @@ def estimate_loss(model, tokens_by_split, args, device, autocast_ctx, seed):
 
 
 def bits_per_byte(nats_per_token, tokens, n_bytes):
-    """nats/token → bits/byte: × tokens/byte, ÷ ln 2. Tokenizer-independent, so comparable."""
-    return nats_per_token * tokens / n_bytes / math.log(2)
+    """nats/token → bits/byte: × tokens (the text's total nats), ÷ ln 2 (nats → bits), ÷ the
+    text's UTF-8 bytes. A property of the text, not of the tokens: models with different
+    tokenizers compare fairly by it. sample.py scores texts with it too."""
+    return nats_per_token * tokens / math.log(2) / n_bytes
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Checkpoints and exact resume
+# 5. The checkpoint
 # ----------------------------------------------------------------------------------------------
+# A checkpoint is one dict that torch.load(path, weights_only=True) can read: tensors and plain
+# Python (dict, list, str, int, float) only. A full pickle can run any code while loading, so a
+# checkpoint downloaded from a stranger could take over the machine; weights_only refuses that,
+# which is why nothing in ours is a class. make_checkpoint lists every key and who reads it.
 
-def save_atomically(obj, path):
-    """Write to path.tmp, then rename: a crash mid-write never leaves a half-written file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)                                      # atomic on POSIX and Windows
+MODEL_CONFIG_FLAGS = ("block_size", "dropout", "bias")   # flags stored in model_config, not train_args
+RESUME_KEYS = ("model", "model_config", "tokenizer", "optimizer", "scaler", "iter_num", "best_val_loss",
+               "train_args", "rng", "data_state", "history")   # what --resume needs of a checkpoint
+TRAIN_HINT = "python train.py --model_type gpt-micro --dataset chinese"
 
 
-def rng_state():
-    """Every random number generator a step draws from."""
+def make_checkpoint(run):
+    """Everything a run is, at this moment, as one dict:
+
+    key            what it holds                                         who reads it
+    model          the bare GPT's weights (a state dict)                 sample.py, --resume, --init_from
+    model_config   GPTConfig's fields: the model's shape                 sample.py, --resume, --init_from
+    tokenizer      bpe.tokenizer_entry: a name, or our BPE whole         sample.py, --resume, --init_from
+    optimizer      AdamW's moments and step counts                       --resume
+    scaler         the float16 GradScaler's state, or None               --resume
+    iter_num       optimizer steps taken                                 --resume, --init_from, sample.py
+    best_val_loss  the lowest val loss so far, nats/token                --resume
+    train_args     every flag but MODEL_CONFIG_FLAGS (one copy each)      --resume, sample.py's flag check
+    rng            the state of every random generator a step draws      --resume
+    data_state     where the batch iterator stands (data.BatchIterator)  --resume
+    history        (iteration, loss) of every evaluation: for loss.svg   --resume
+    init_from      {"path", "iter_num"} of the checkpoint this run       a record for you
+                   started from (--init_from), or None
+    """
     return {
-        "python": random.getstate(),
-        "torch": torch.get_rng_state(),
-        # this process's own GPU: under DDP each rank saves and restores the same stream
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "model": run.model.state_dict(),
+        "model_config": run.config.to_dict(),
+        "tokenizer": run.tokenizer_entry,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "iter_num": run.iter_num,
+        "best_val_loss": run.best_val_loss,
+        "train_args": {k: v for k, v in vars(run.args).items() if k not in MODEL_CONFIG_FLAGS},
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                # this process's own GPU: under DDP each rank saves and restores its own stream
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+        "data_state": run.batches.state_dict(),
+        "history": run.history,
+        "init_from": run.init_from,
     }
 
 
-def set_rng_state(state):
-    """Put every generator back where rng_state() found it."""
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def save_checkpoint(checkpoint, path):
+    """torch.save under a temporary name, then a rename (bpe.atomic_path): the file at `path` is
+    the old checkpoint until the new one is whole. A failed save (disk full, no permission) is
+    one line, with the old file untouched and the temporary one removed."""
+    try:
+        with bpe.atomic_path(path) as temp:
+            torch.save(checkpoint, temp)
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:100]
+        raise InputError(f"could not save {path} ({reason}) — is {pathlib.Path(path).parent} full or "
+                         f"read-only? The checkpoint already there is untouched") from None
 
 
-def tokenizer_entry(meta):
-    """What a checkpoint stores to rebuild the tokenizer: the name of a tiktoken encoding, or
-    our own BPE in full (ranks, pattern, special tokens), so the checkpoint is self-contained."""
-    name = meta["tokenizer"]
-    if name in ("gpt2", "cl100k_base"):
-        return {"name": name}
-    return bpe.BPETokenizer.load(name).to_dict()
-
-
-def load_resume_checkpoint(path, args):
-    """Load last.pt, refusing one from another model, dataset or tokenizer."""
-    if not os.path.exists(path):
-        raise TrainError(f"--resume, but there is no checkpoint at {path} — start without --resume")
+def read_checkpoint(path, need=("model", "model_config", "tokenizer")):
+    """torch.load(weights_only=True), with every way it can fail said in one line."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {path} — train one with: {TRAIN_HINT}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive, which starts with "PK\3\4" (very old torch: a raw pickle,
+    # which starts with the byte 0x80). Anything else is not a checkpoint at all.
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise InputError(f"{path} is not a checkpoint (not a file torch.save wrote) — give a .pt "
+                         f"file written by train.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TrainError(f"{path} is not a readable checkpoint ({type(e).__name__}) — delete it or pick another --out_dir")
-    missing = [k for k in ("model", "optimizer", "scaler", "iter_num", "best_val_loss", "train_args", "rng",
-                           "data_state") if not (isinstance(ckpt, dict) and k in ckpt)]
+        if "Unsupported global" in str(e):
+            raise InputError(f"{path} holds pickled Python objects, which weights_only loading refuses "
+                             f"(they could run code); this project's checkpoints hold only tensors "
+                             f"and plain data") from None
+        raise InputError(f"{path} is truncated or damaged ({type(e).__name__}) — was it being saved "
+                         f"when the run stopped? Use another checkpoint, e.g. last.pt") from None
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise TrainError(f"{path} lacks {', '.join(missing)}: not a resume point written by train.py — "
-                         f"start without --resume in another --out_dir")
-    old = ckpt["train_args"]
-    for key in ("model_type", "dataset", "tokenizer", "vocab_size", "block_size", "bias"):
-        if key == "vocab_size" and old.get("tokenizer") != "bpe":
-            continue
-        if old.get(key) != getattr(args, key):
-            raise TrainError(f"{path} was trained with --{key} {old.get(key)}, not {getattr(args, key)} — "
-                             f"resume with the same setting, or use another --out_dir")
+        raise InputError(f"{path} is not a checkpoint of this project (it lacks: {', '.join(missing)})")
     return ckpt
 
 
+def build_model(ckpt, path, **changes):
+    """GPT(GPTConfig(**model_config)) with the saved weights. `changes` replace config fields:
+    --init_from sets the dropout, and may shrink block_size (the first position rows are kept)."""
+    config = GPTConfig(**{**ckpt["model_config"], **changes})
+    weights = strip_wrapper_prefixes(ckpt["model"])
+    if "wpe.weight" in weights:
+        weights["wpe.weight"] = weights["wpe.weight"][:config.block_size]
+    try:
+        model = GPT(config)
+        model.load_state_dict(weights)
+    except (AssertionError, TypeError, ValueError, RuntimeError, KeyError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise InputError(f"{path}: the weights do not fit its model_config ({first_line})") from None
+    return model
+
+
+def restore(run, ckpt):
+    """--resume: put back everything make_checkpoint saved, so the run continues exactly."""
+    run.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] is not None:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    run.history, run.init_from = ckpt["history"], ckpt.get("init_from")
+    run.batches.load_state_dict(ckpt["data_state"])
+    random.setstate(ckpt["rng"]["python"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+
+
 # ----------------------------------------------------------------------------------------------
-# 7. Progress: log lines, log.jsonl and loss.svg
+# 6. The run
 # ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """What one training run carries from step to step: what a checkpoint saves, and the rest."""
+    args: argparse.Namespace
+    device: str
+    dtype: str
+    rank: int                                # this process's number (0 when alone), and the
+    world: int                               # number of processes (section 9)
+    meta: dict                               # data.py's meta.json: token and byte counts
+    train_tokens: torch.Tensor
+    val_tokens: torch.Tensor
+    batches: data.BatchIterator
+    config: GPTConfig
+    model: GPT                               # the bare model: what we save and sample from
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    tokenizer_entry: dict
+    total_iters: int
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    history: dict = dataclasses.field(default_factory=lambda: {"train": [], "val": []})
+    init_from: dict = None
+    timed_since: tuple = (0.0, 0)            # (time, iteration) tokens/s is measured from
+
+    @property
+    def master(self):
+        return self.rank == 0                # only the first process prints and writes files
+
+    @property
+    def out(self):
+        return pathlib.Path(self.args.out_dir)
+
+
+def start_run(args, resume, start):
+    """Everything before the first step: the device, the data, the model and the optimizer —
+    fresh, or continuing `resume` (out_dir/last.pt), or starting from `start` (--init_from)."""
+    device = pick_device(args.device)
+    rank, local_rank, world, device = setup_distributed(device)                   # section 9
+    dtype = pick_dtype(args.dtype, device)
+    if device.startswith("cuda"):
+        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8× faster, and precise
+        # enough for training.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    # The tokenizer: --tokenizer's, unless a checkpoint decides (--init_from, or resuming a run
+    # that began with --init_from): then the checkpoint's own, whatever data it meets.
+    own = resume if resume and args.tokenizer is None else start
+    tokenizer = bpe.tokenizer_from_entry(own["tokenizer"]) if own else args.tokenizer
+    folder = prepare_data(args, tokenizer, local_rank)                            # section 9
+    meta = data.load_meta(folder)
+    train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
+    batches = data.BatchIterator(train_tokens, args.block_size, args.batch_size, seed=args.seed,
+                                 rank=rank, world_size=world, device=device)
+    if start:
+        model = build_model(start, args.init_from, block_size=args.block_size, dropout=args.dropout)
+    else:
+        model = GPT(GPTConfig.from_preset(args.model_type, vocab_size=meta["vocab_size"],
+                                          block_size=args.block_size, dropout=args.dropout, bias=bool(args.bias)))
+    model = model.to(device)
+    optimizer = make_optimizer(model, args)
+    # The scaler is only active for float16; for other dtypes every call passes straight through.
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
+    run = Run(args, device, dtype, rank, world, meta, train_tokens, val_tokens, batches, model.config,
+              model, optimizer, scaler, bpe.tokenizer_entry(data.load_tokenizer(folder)),
+              total_iters=count_iters(args, batches))
+    if start:
+        run.init_from = {"path": str(args.init_from), "iter_num": start["iter_num"]}
+    if resume:
+        restore(run, resume)
+    if run.master:
+        if resume:
+            rewind_log(run.out / "log.jsonl", run.iter_num)                       # section 8
+            print(f"resumed from {run.out / 'last.pt'} at iteration {run.iter_num}")
+        else:
+            (run.out / "log.jsonl").unlink(missing_ok=True)
+    return run
+
+
+def count_iters(args, batches):
+    """The run's length in optimizer steps: --max_iters, else --epochs passes over the data."""
+    if args.max_iters is not None:
+        return args.max_iters
+    steps_per_epoch = max(1, batches.steps_per_epoch // args.grad_accum)
+    return max(1, round(args.epochs * steps_per_epoch))
+
+
+def train(args, argv=()):
+    """A whole training run; returns {"iter_num", "best_val_loss", "history"}."""
+    resume, start = read_start_checkpoints(args)     # and settle the flags they fix (section 10)
+    with claim_out_dir(args.out_dir, resume is not None):     # checked, locked (section 8)
+        run = start_run(args, resume, start)
+        model = wrap_model(run)                  # torch.compile and/or DDP around it (section 9)
+        autocast_ctx = autocast_context(run.device, run.dtype)
+        print_start(run)                                                          # section 7
+        with StopFlag() as stop:                 # Ctrl-C / SIGTERM: finish the step (section 8)
+            while True:
+                # evaluate and save every eval_interval steps, and at the very end
+                if run.iter_num % args.eval_interval == 0 or run.iter_num == run.total_iters:
+                    evaluate_and_save(run, model, autocast_ctx)
+                if run.iter_num >= run.total_iters or stop.requested:
+                    break
+                # one optimisation step
+                lr = learning_rate(run.iter_num, args, run.total_iters)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = forward_backward(model, run.batches.next_batch, args.grad_accum, autocast_ctx,
+                                        run.scaler, ddp=run.world > 1)
+                norm, stepped = optimizer_step(model, run.optimizer, run.scaler, args.grad_clip)
+                loss = loss.item()               # waits for the GPU: once per step
+                if run.world > 1:                # every rank must agree to stop (section 9)
+                    stop.requested, loss = agree_across_ranks(run, stop.requested, loss)
+                check_finite(run, loss)
+                run.iter_num += 1
+                if run.iter_num % args.log_interval == 0:
+                    log_progress(run, loss, lr, norm, stepped)                    # section 7
+        finish(run, stop.requested, argv)
+        leave_distributed()                                                       # section 9
+    return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "history": run.history}
+
+
+def evaluate_and_save(run, model, autocast_ctx):
+    """Estimate both losses, print and log them, save last.pt — and best_model.pt when the val
+    loss is the lowest yet — redraw loss.svg, and write a sample if --sample_every asks."""
+    if run.history["val"] and run.history["val"][-1][0] == run.iter_num:
+        return                                   # just resumed here: this evaluation is done
+    losses = estimate_loss(model, {"train": run.train_tokens, "val": run.val_tokens}, run.args,
+                           run.device, autocast_ctx, seed=run.args.seed + 1000 * run.rank)
+    if run.world > 1:
+        losses = average_across_ranks(run, losses)                                # section 9
+    if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
+        raise InputError(f"eval loss is not finite at iteration {run.iter_num} — training diverged; "
+                         f"the checkpoints in {run.args.out_dir} were left as they were. Try a lower --lr")
+    run.history["train"].append((run.iter_num, losses["train"]))
+    run.history["val"].append((run.iter_num, losses["val"]))
+    if not run.master:
+        return
+    log_eval(run, losses)                                                         # section 7
+    improved = losses["val"] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, losses["val"])
+    checkpoint = make_checkpoint(run)
+    save_checkpoint(checkpoint, run.out / "last.pt")
+    if improved:
+        save_checkpoint(checkpoint, run.out / "best_model.pt")
+    write_loss_svg(run.out / "loss.svg", run.history["train"], run.history["val"])
+    if run.args.sample_every and (len(run.history["val"]) - 1) % run.args.sample_every == 0:
+        sample_while_training(run)                                                # section 7
+    run.timed_since = (time.time(), run.iter_num)            # tokens/s counts training time only
+
+
+def check_finite(run, loss):
+    """A NaN or infinite loss means training diverged: stop at once, saving nothing more. With
+    float16 a non-finite loss can be a passing overflow the scaler handles by skipping the step;
+    there the next evaluation gives the verdict."""
+    if not math.isfinite(loss) and run.dtype != "float16":
+        saved = run.history["val"][-1][0] if run.history["val"] else 0
+        raise InputError(f"loss is {loss} at iteration {run.iter_num} — training diverged. Nothing was "
+                         f"saved after iteration {saved}; try a lower --lr (now {run.args.lr}) or "
+                         f"--dtype float32/bfloat16")
+
+
+def finish(run, stopped, argv):
+    """The last words: how to resume a stopped run, or where the checkpoints are."""
+    if not run.master:
+        return
+    last, best = run.out / "last.pt", run.out / "best_model.pt"
+    if stopped and run.iter_num < run.total_iters:
+        save_checkpoint(make_checkpoint(run), last)
+        print(f"stopped at iteration {run.iter_num}; saved {last}. Resume with:\n  {resume_command(argv, run.world)}")
+    else:
+        print(f"done: {run.iter_num} iterations, best val loss {run.best_val_loss:.4f}; checkpoints in "
+              f"{run.out} — sample with: python sample.py --checkpoint {best}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. (optional) Progress: log lines, log.jsonl, loss.svg, samples while training
+# ----------------------------------------------------------------------------------------------
+# What it adds: what a person watches during a run. Nothing here changes the training: it reads
+# the run and writes text (and sampling uses a random generator of its own).
+
+# Dense bf16/fp16 tensor-core peaks, in FLOP/s, from the vendors' data sheets (no sparsity).
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                  "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def gpu_peak_flops(device):
+    """The GPU's bf16/fp16 peak, looked up by name, or None (then MFU is not shown)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):    # "L40S" before "L4"
+        if key in name:
+            return GPU_PEAK_FLOPS[key]
+    return None
+
+
+def tokens_per_step(run):
+    return run.args.batch_size * run.args.block_size * run.args.grad_accum * run.world
+
+
+def print_start(run):
+    run.timed_since = (time.time(), run.iter_num)
+    if run.master:
+        steps = max(1, run.batches.steps_per_epoch // run.args.grad_accum)
+        print(f"model {run.args.model_type}: {run.model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
+              f"vocab {run.config.vocab_size}, context {run.config.block_size} | device {run.device}, "
+              f"{run.dtype} | {tokens_per_step(run):,} tokens/step, {steps} steps/epoch, {run.total_iters} steps")
+
+
+def append_log(run, record):
+    """One JSON object per line in log.jsonl: easy to read back with a few lines of Python."""
+    with open(run.out / "log.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
 
 def format_duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def log_progress(run, loss, lr, norm, stepped):
+    """Every log_interval steps: loss, learning rate, tokens/s, MFU (on a known GPU), ETA."""
+    if run.world > 1:
+        loss = average_across_ranks(run, {"loss": loss})["loss"]
+    if not run.master:
+        return
+    now, (since, since_iter) = time.time(), run.timed_since
+    dt = (now - since) / max(1, run.iter_num - since_iter)            # seconds per step
+    run.timed_since = (now, run.iter_num)
+    tokens_per_s = tokens_per_step(run) / dt
+    # MFU = achieved FLOP/s ÷ the GPU's peak: (6N + 12·L·C·T) FLOPs per token × tokens/s.
+    peak = gpu_peak_flops(run.device)
+    mfu = run.model.flops_per_token() * tokens_per_s / run.world / peak if peak else None
+    eta = (run.total_iters - run.iter_num) * dt
+    print(f"iter {run.iter_num}/{run.total_iters} | epoch {run.batches.epoch} | loss {loss:.4f} | lr {lr:.2e} | "
+          f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu else "") +
+          ("" if stepped else " | fp16 step skipped") + f" | ETA {format_duration(eta)}", flush=True)
+    append_log(run, {"type": "train", "iter": run.iter_num, "epoch": run.batches.epoch, "loss": loss,
+                     "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s, "mfu": mfu,
+                     "step_skipped": not stepped})
+
+
+def log_eval(run, losses):
+    bpb = bits_per_byte(losses["val"], run.meta["val_tokens"], run.meta["val_bytes"])
+    perplexity = math.exp(min(losses["val"], 50))             # e^loss; capped so it cannot overflow
+    print(f"eval {run.iter_num}: train {losses['train']:.4f}, val {losses['val']:.4f} nats/token, "
+          f"val perplexity {perplexity:.2f}, val {bpb:.4f} bits/byte", flush=True)
+    append_log(run, {"type": "eval", "iter": run.iter_num, "epoch": run.batches.epoch,
+                     "train_loss": losses["train"], "val_loss": losses["val"], "val_ppl": perplexity,
+                     "val_bpb": bpb})
+
+
 def write_loss_svg(path, train_points, val_points, width=640, height=360, pad=48):
     """A plain SVG line chart of (iteration, loss) points: train in blue, val in orange."""
     points = train_points + val_points
-    if not points:
-        return
     x_max = max(1, max(p[0] for p in points))
     y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
     y_span = (y_max - y_min) or 1.0
 
-    def xy(it, loss):                                          # data → pixel coordinates
-        return (pad + it / x_max * (width - 2 * pad),
-                height - pad - (loss - y_min) / y_span * (height - 2 * pad))
-
-    def polyline(pts, colour):
-        coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in (xy(*p) for p in pts))
+    def polyline(pts, colour):                                # data → pixel coordinates
+        coords = " ".join(f"{pad + it / x_max * (width - 2 * pad):.1f},"
+                          f"{height - pad - (loss - y_min) / y_span * (height - 2 * pad):.1f}" for it, loss in pts)
         return f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>'
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
@@ -389,253 +617,372 @@ def write_loss_svg(path, train_points, val_points, width=640, height=360, pad=48
              f'<text x="{width - pad - 110}" y="{pad}" fill="#1f77b4">train loss</text>',
              f'<text x="{width - pad - 110}" y="{pad + 16}" fill="#ff7f0e">val loss</text>',
              "</svg>"]
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts) + "\n")
-    os.replace(tmp, path)
+    bpe.write_text_atomically(path, "\n".join(parts) + "\n")
+
+
+def default_sample_prompt(run, enc):
+    """The first line of the validation text, cut to 20 characters: text the model has not
+    trained on, in the style it learns."""
+    first_ids = run.val_tokens[:200].tolist()
+    text = "".join(bpe.decode_stream(enc, [t for t in first_ids if t != enc.eot_token]))
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:20]
+
+
+def sample_while_training(run):
+    """Print and log a short continuation of --sample_prompt, to see the model learn.
+
+    It must not change the training by a single bit: the model goes back to train mode, and the
+    sampling draws from a generator of its own (seeded alike each time, so the samples of
+    successive evaluations differ only because the model does), never from the global RNG.
+    """
+    enc = bpe.get_tokenizer(run.tokenizer_entry)
+    prompt = run.args.sample_prompt if run.args.sample_prompt is not None else default_sample_prompt(run, enc)
+    ids = enc.encode_ordinary(prompt)[-run.config.block_size:] or [enc.eot_token]
+    generator = torch.Generator(device=run.device).manual_seed(run.args.seed)
+    run.model.eval()
+    new_ids = run.model.stream(torch.tensor([ids], device=run.device), run.args.sample_tokens,
+                               temperature=0.8, top_k=200, generator=generator)
+    text = "".join(bpe.decode_stream(enc, (t for t in map(int, new_ids) if t != enc.eot_token)))
+    run.model.train()
+    print(f"sample {run.iter_num}: {prompt}{text}", flush=True)
+    append_log(run, {"type": "sample", "iter": run.iter_num, "prompt": prompt, "text": text})
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Stopping cleanly
+# 8. (optional) The run folder, and stopping cleanly
 # ----------------------------------------------------------------------------------------------
+# What it adds: nothing a user had is lost. A run checks its folder before any work (so a folder
+# it cannot write is found now, not after an hour of training), owns it while it runs (a second
+# train.py on the same folder would mix two runs' files), never overwrites an earlier run unless
+# resuming it, and on resume cuts log.jsonl back to the checkpoint so no iteration is logged twice.
+
+RUN_FILES = ("last.pt", "best_model.pt", "log.jsonl")
+LOCK_NAME = "train.lock"
+
+
+@contextlib.contextmanager
+def claim_out_dir(out_dir, resume):
+    """Make out_dir this run's for as long as it runs (only the first process does this).
+
+    Create it and prove it writable; lock it against a second run; refuse to overwrite an
+    earlier run's files unless resuming. On the way out the lock goes — and the folder too, if
+    this run created it and failed before writing anything in it.
+    """
+    if int(os.environ.get("RANK", 0)) != 0:                  # DDP: other processes write nothing
+        yield
+        return
+    folder = pathlib.Path(out_dir)
+    created = not folder.exists()
+    bpe.make_writable_folder(folder, "--out_dir")
+    lock = folder / LOCK_NAME
+    take_lock(lock)
+    try:
+        earlier = [name for name in RUN_FILES if (folder / name).exists()]
+        if earlier and not resume:
+            raise InputError(f"{out_dir} already holds a run ({', '.join(earlier)}) — add --resume to "
+                             f"continue it, or choose another --out_dir (or delete them) to start afresh")
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def take_lock(path):
+    """Create the lock file exclusively (O_EXCL: of two processes trying at once, exactly one
+    succeeds), holding "host pid". A lock whose process is gone (killed with SIGKILL, the machine
+    rebooted) is taken over, with a note."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.write(fd, me.encode())
+            os.close(fd)
+            return
+        except FileExistsError:
+            holder = path.read_text(errors="replace").split() if path.exists() else []
+        host, pid = (holder + ["?", "0"])[:2] if len(holder) >= 2 else ("?", "0")
+        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+            print(f"note: {path} was left by process {pid}, which has ended; taking it over", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            continue
+        raise InputError(f"{path.parent} is in use by another training run (process {pid} on {host}) — "
+                         f"wait for it to end or use another --out_dir (if no run is going, delete {path})")
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)                                      # signal 0: only asks "does it exist?"
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                                          # it exists, under another user
+    return True
+
+
+def rewind_log(path, iter_num):
+    """Keep only log.jsonl's records up to iter_num, where the checkpoint we resume stands: a run
+    killed after logging but before saving would otherwise log those iterations twice."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
+    bpe.write_text_atomically(path, "".join(kept))
+
+
+def resume_command(argv, world):
+    """The command that continues this run: the same flags with --resume (and without
+    --init_from, whose weights are in last.pt now)."""
+    args = list(argv)
+    if "--init_from" in args:
+        i = args.index("--init_from")
+        del args[i:i + 2]
+    launcher = ["torchrun", "--nproc_per_node", str(world)] if world > 1 else ["python"]
+    return shlex.join(launcher + ["train.py"] + [a for a in args if a != "--resume"] + ["--resume"])
+
 
 class StopFlag:
-    """Set by Ctrl-C (SIGINT) or SIGTERM; the loop checks it after each step, so the step in
-    flight finishes and the checkpoint written is consistent."""
+    """`with StopFlag() as stop:` — inside, Ctrl-C (SIGINT) or SIGTERM sets stop.requested; the
+    loop checks it after each step, so the step in flight finishes and the checkpoint written is
+    consistent. A second Ctrl-C stops at once (bpe.atomic_path still removes a half-written file)."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-    def __call__(self, signum, frame):
-        if self.requested:                                     # a second Ctrl-C: stop at once
+    def handle(self, signum, frame):
+        if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt …", flush=True)
 
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
 
 # ----------------------------------------------------------------------------------------------
-# 9. The training run
+# 9. (optional) Several processes: DDP
 # ----------------------------------------------------------------------------------------------
+# What it adds: `torchrun --nproc_per_node N train.py ...` trains on N GPUs (or N CPU processes)
+# with DistributedDataParallel: each process holds the whole model, trains on its own share of
+# every batch, and the gradients are averaged (all-reduced) inside backward(), so all copies take
+# the same step. The global batch is batch_size × grad_accum × N. On several machines, torchrun
+# starts the same command on each (--nnodes, --node_rank, --master_addr); every machine prepares
+# its own data, so nothing but the command needs to be shared.
 
 def setup_distributed(device):
-    """Under torchrun (RANK set), join the process group: NCCL between GPUs, gloo on CPUs."""
+    """Under torchrun (RANK set), join the process group: NCCL between GPUs, gloo on CPUs.
+    Returns (rank, local rank on this machine, world size, device)."""
     if "RANK" not in os.environ:
-        return False, 0, 1, device
+        return 0, 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "mps":
-        raise TrainError("DDP needs CUDA GPUs (nccl) or CPUs (gloo); MPS cannot all-reduce — use one process")
-    if device == "cuda":
+        raise InputError("DDP needs CUDA GPUs (nccl) or CPUs (gloo); MPS cannot all-reduce — use one process")
+    if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    # A long timeout: the other ranks wait at a barrier while rank 0 downloads and tokenizes.
+    # A long timeout: the other ranks wait at a barrier while the first downloads and tokenizes.
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
                             timeout=datetime.timedelta(hours=6))
-    return True, rank, world, device
+    return rank, local_rank, world, device
 
 
-def prepare_data(args, master):
-    """Tokenize once (rank 0 only; the others wait), then open the token files."""
-    if master:
-        folder = data.prepare(args.dataset, args.tokenizer, data_dir=args.data_dir, max_mb=args.max_mb,
-                              num_proc=args.num_proc, vocab_size=args.vocab_size, verbose=True)
+def prepare_data(args, tokenizer, local_rank):
+    """Tokenize once per machine: each machine's first process prepares, the others wait, then
+    find it done. (One machine's disk is not another's: a rank-0-only rule would leave a second
+    machine's processes without data, or all of them tokenizing at once.)"""
+    kwargs = dict(data_dir=args.data_dir, max_mb=args.max_mb, num_proc=args.num_proc,
+                  vocab_size=args.vocab_size)
+    if local_rank == 0:
+        folder = data.prepare(args.dataset, tokenizer, verbose=True, **kwargs)
     if dist.is_initialized():
         dist.barrier()
-    if not master:
-        folder = data.prepare(args.dataset, args.tokenizer, data_dir=args.data_dir, max_mb=args.max_mb,
-                              num_proc=args.num_proc, vocab_size=args.vocab_size, verbose=False)
-    meta = data.load_meta(folder)
-    return meta, data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
+    if local_rank != 0:
+        folder = data.prepare(args.dataset, tokenizer, verbose=False, **kwargs)
+    return folder
 
 
-def train(args, argv=()):
-    device = pick_device(args.device)
-    ddp, rank, world, device = setup_distributed(device)
-    master = rank == 0                                         # only rank 0 prints and writes files
-    dtype = pick_dtype(args.dtype, device)
-    if device.startswith("cuda"):
-        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa — ~8× faster, and
-        # precise enough for training.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+def wrap_model(run):
+    """The model the loop calls: torch.compile'd if asked, in DDP under torchrun. The bare model
+    stays in run.model: it is what we save, and what samples."""
+    model = torch.compile(run.model) if run.args.compile else run.model
+    if run.world > 1:
+        model = DDP(model, device_ids=[torch.device(run.device).index] if run.device.startswith("cuda") else None)
+    return model
 
-    meta, train_tokens, val_tokens = prepare_data(args, master)
-    batches = data.BatchIterator(train_tokens, args.block_size, args.batch_size, seed=args.seed,
-                                 rank=rank, world_size=world, device=device)
-    iters_per_epoch = max(1, batches.steps_per_epoch // args.grad_accum)
-    if args.max_iters is not None:
-        total_iters = args.max_iters
-    elif args.epochs is not None:
-        total_iters = max(1, round(args.epochs * iters_per_epoch))
-    else:
-        total_iters = PRESET_DEFAULTS[args.model_type]["max_iters"]
 
-    config = GPTConfig.from_preset(args.model_type, vocab_size=meta["vocab_size"], block_size=args.block_size,
-                                   dropout=args.dropout, bias=bool(args.bias))
-    model = GPT(config).to(device)
-    optimizer = make_optimizer(model, args, device)
-    # The scaler is only active for float16; for other dtypes every call passes straight through.
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=(dtype == "float16"))
-    iter_num, best_val_loss, history = 0, float("inf"), {"train": [], "val": []}
-    os.makedirs(args.out_dir, exist_ok=True)
-    last_path = os.path.join(args.out_dir, "last.pt")
-    best_path = os.path.join(args.out_dir, "best_model.pt")
-    log_path = os.path.join(args.out_dir, "log.jsonl")
+def average_across_ranks(run, values):
+    """{name: float} → the same names, averaged over every process."""
+    t = torch.tensor(list(values.values()), device=run.device)
+    dist.all_reduce(t)
+    return {name: v / run.world for name, v in zip(values, t.tolist())}
 
-    if args.resume:
-        ckpt = load_resume_checkpoint(last_path, args)
-        model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"]:
-            scaler.load_state_dict(ckpt["scaler"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        history = ckpt.get("history", history)
-        batches.load_state_dict(ckpt["data_state"])
-        set_rng_state(ckpt["rng"])
-        if master:
-            print(f"resumed from {last_path} at iteration {iter_num}")
-    elif os.path.exists(last_path):
-        # Nothing the user had is lost: a fresh run would overwrite last.pt and best_model.pt.
-        raise TrainError(f"{args.out_dir} already holds a run (last.pt) — add --resume to continue it, "
-                         f"or choose another --out_dir (or delete that folder) to start afresh")
-    elif master and os.path.exists(log_path):
-        os.remove(log_path)                                    # a fresh run starts a fresh log
 
-    raw_model = model                                          # un-wrapped: what we save
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device.startswith("cuda") else None)
-    autocast_ctx = autocast_context(device, dtype)
-    tok_entry = tokenizer_entry(meta)
-    peak = gpu_peak_flops(device)
-    tokens_per_iter = args.batch_size * args.block_size * args.grad_accum * world
-
-    def checkpoint():
-        return {"model": raw_model.state_dict(), "model_config": config.to_dict(), "tokenizer": tok_entry,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "iter_num": iter_num, "epoch": batches.epoch, "best_val_loss": best_val_loss,
-                "train_args": vars(args), "rng": rng_state(), "data_state": batches.state_dict(),
-                "history": history}
-
-    def log(record):
-        if master:
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    stop = StopFlag()
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    if master:
-        print(f"model {args.model_type}: {raw_model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
-              f"vocab {config.vocab_size}, context {config.block_size} | device {device}, {dtype} | "
-              f"{tokens_per_iter:,} tokens/step, {iters_per_epoch} steps/epoch, {total_iters} steps")
-    model.train()
-    t_last, iters_timed, t_start = time.time(), 0, time.time()
-    try:
-        while True:
-            # -- evaluate and save (also at the last iteration) ---------------------------------
-            already_evaluated = bool(history["val"]) and history["val"][-1][0] == iter_num   # just resumed
-            if (iter_num % args.eval_interval == 0 or iter_num == total_iters) and not already_evaluated:
-                losses = estimate_loss(model, {"train": train_tokens, "val": val_tokens}, args, device,
-                                       autocast_ctx, seed=args.seed + 1000 * rank)
-                if ddp:                                        # average the ranks' estimates
-                    t = torch.tensor([losses["train"], losses["val"]], device=device)
-                    dist.all_reduce(t)
-                    losses = {"train": t[0].item() / world, "val": t[1].item() / world}
-                if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
-                    raise TrainError(f"eval loss is not finite at iteration {iter_num} — training diverged; "
-                                     f"the checkpoints in {args.out_dir} were left as they were. Try a lower --lr")
-                bpb = bits_per_byte(losses["val"], meta["val_tokens"], meta["val_bytes"])
-                history["train"].append((iter_num, losses["train"]))
-                history["val"].append((iter_num, losses["val"]))
-                if master:
-                    print(f"eval {iter_num}: train {losses['train']:.4f}, val {losses['val']:.4f} nats/token, "
-                          f"val perplexity {math.exp(min(losses['val'], 50)):.2f}, val {bpb:.4f} bits/byte")
-                    log({"type": "eval", "iter": iter_num, "epoch": batches.epoch, "train_loss": losses["train"],
-                         "val_loss": losses["val"], "val_ppl": math.exp(min(losses["val"], 50)), "val_bpb": bpb})
-                    improved = losses["val"] < best_val_loss
-                    best_val_loss = min(best_val_loss, losses["val"])
-                    state = checkpoint()
-                    save_atomically(state, last_path)
-                    if improved:
-                        save_atomically(state, best_path)
-                    write_loss_svg(os.path.join(args.out_dir, "loss.svg"), history["train"], history["val"])
-                t_last, iters_timed = time.time(), 0            # tokens/s counts training time only
-            if iter_num >= total_iters or stop.requested:
-                break
-
-            # -- one optimisation step ------------------------------------------------------------
-            lr = learning_rate(iter_num, args, total_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = forward_backward(model, batches.next_batch, args.grad_accum, autocast_ctx, scaler, ddp)
-            norm, stepped = optimizer_step(model, optimizer, scaler, args.grad_clip)
-            loss = loss.item()                                  # waits for the GPU: once per step
-            if ddp:
-                # Every rank must leave the loop at the same step, or the others would wait
-                # forever in the next all-reduce: agree on "stop?" and "diverged?" together.
-                flags = torch.tensor([float(stop.requested), float(not math.isfinite(loss))], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop.requested = bool(flags[0])
-                if flags[1]:
-                    loss = float("nan")
-            # With float16 a non-finite loss can be a transient overflow the scaler handles by
-            # skipping the step; there we leave the verdict to the next evaluation.
-            if not math.isfinite(loss) and dtype != "float16":
-                raise TrainError(f"loss is {loss} at iteration {iter_num} — training diverged. Nothing was saved "
-                                 f"after iteration {history['val'][-1][0] if history['val'] else 0}; "
-                                 f"try a lower --lr (now {args.lr}) or --dtype float32/bfloat16")
-            iter_num += 1
-            iters_timed += 1
-
-            # -- progress ------------------------------------------------------------------------
-            if iter_num % args.log_interval == 0 and ddp:
-                t = torch.tensor(loss, device=device)          # every rank's loss → their mean
-                dist.all_reduce(t)
-                loss = t.item() / world
-            if iter_num % args.log_interval == 0 and master:
-                now = time.time()
-                dt = (now - t_last) / iters_timed
-                t_last, iters_timed = now, 0
-                tokens_per_s = tokens_per_iter / dt
-                # MFU = achieved FLOP/s ÷ the GPU's peak: (6N + 12·L·C·T) FLOPs per token × tokens/s.
-                mfu = raw_model.flops_per_token() * tokens_per_s / world / peak if peak else None
-                eta = (total_iters - iter_num) * dt
-                print(f"iter {iter_num}/{total_iters} | epoch {batches.epoch} | loss {loss:.4f} | lr {lr:.2e} | "
-                      f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu else "") +
-                      ("" if stepped else " | fp16 step skipped") + f" | ETA {format_duration(eta)}", flush=True)
-                log({"type": "train", "iter": iter_num, "epoch": batches.epoch, "loss": loss, "lr": lr,
-                     "grad_norm": float(norm), "tokens_per_s": tokens_per_s, "mfu": mfu, "step_skipped": not stepped,
-                     "elapsed_s": now - t_start})
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-    if master:
-        if stop.requested and iter_num < total_iters:
-            save_atomically(checkpoint(), last_path)
-            launcher = ["torchrun", "--nproc_per_node", str(world)] if ddp else ["python"]
-            resume_cmd = shlex.join(launcher + ["train.py"] + [a for a in argv if a != "--resume"] + ["--resume"])
-            print(f"stopped at iteration {iter_num}; saved {last_path}. Resume with:\n  {resume_cmd}")
-        else:
-            print(f"done: {iter_num} iterations, best val loss {best_val_loss:.4f}; "
-                  f"checkpoints in {args.out_dir} — sample with: python sample.py --checkpoint {best_path}")
-    if ddp:
-        dist.barrier()                                         # leave together: no rank tears down early
+def leave_distributed():
+    """Every process leaves together: one that tears its connections down while another still
+    waits on it (rank 0 saving the last checkpoint, say) can leave that one hanging."""
+    if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "history": history}
+
+
+def agree_across_ranks(run, stop_requested, loss):
+    """Every rank must leave the loop at the same step, or the others would wait forever in the
+    next all-reduce: agree on "stop?" and "diverged?" together (any rank's yes is everyone's)."""
+    flags = torch.tensor([float(stop_requested), float(not math.isfinite(loss))], device=run.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), float("nan") if flags[1] else loss
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. (optional) The command line
+# ----------------------------------------------------------------------------------------------
+# What it adds: every knob of a run as a flag, each checked when parsed (a wrong value is one
+# line, exit 2), and the defaults each preset trains well with. nano/micro/mini are sized for a
+# CPU (a few thousand steps in minutes to an hour); gpt-small and the GPT-2 sizes want a GPU (for
+# GPT-2's ~0.5M tokens a step, add --grad_accum 40 as nanoGPT does).
+
+PRESET_DEFAULTS = {
+    "gpt-nano":    dict(block_size=64,   batch_size=32, lr=2e-3, max_iters=2000, warmup_iters=100),
+    "gpt-micro":   dict(block_size=128,  batch_size=32, lr=1e-3, max_iters=5000, warmup_iters=100),
+    "gpt-mini":    dict(block_size=256,  batch_size=32, lr=1e-3, max_iters=5000, warmup_iters=200),
+    "gpt-small":   dict(block_size=512,  batch_size=16, lr=6e-4, max_iters=20000, warmup_iters=500),
+    "gpt2":        dict(block_size=1024, batch_size=12, lr=6e-4, max_iters=600000, warmup_iters=2000),
+    "gpt2-medium": dict(block_size=1024, batch_size=12, lr=3e-4, max_iters=600000, warmup_iters=2000),
+    "gpt2-large":  dict(block_size=1024, batch_size=8,  lr=2.5e-4, max_iters=600000, warmup_iters=2000),
+    "gpt2-xl":     dict(block_size=1024, batch_size=4,  lr=2e-4, max_iters=600000, warmup_iters=2000),
+}
+# A resumed run must be the same run: these flags must agree with last.pt, and when left out
+# they are taken from it. A run started from another checkpoint (--init_from) takes that model's
+# shape and tokenizer: FROM_CHECKPOINT must agree with it, and --block_size may only shrink.
+SAME_RUN = ("model_type", "dataset", "tokenizer", "vocab_size", "bias", "block_size", "batch_size",
+            "max_mb", "seed")
+FROM_CHECKPOINT = ("model_type", "tokenizer", "vocab_size", "bias")
+
+
+def read_start_checkpoints(args):
+    """(last.pt to resume, the checkpoint to start from): each None unless asked for — and the
+    flags they fix, settled (settle_flags)."""
+    resume = start = None
+    if args.resume:
+        path = pathlib.Path(args.out_dir) / "last.pt"
+        if not path.exists():
+            raise InputError(f"--resume, but there is no {path} — start without --resume, or give "
+                             f"the --out_dir of the run to continue")
+        resume = read_checkpoint(path, need=RESUME_KEYS)
+    if args.init_from:
+        start = read_checkpoint(args.init_from)
+    settle_flags(args, resume or start, "resume" if resume else "init_from" if start else None)
+    return resume, start
+
+
+def checkpoint_flags(ckpt):
+    """The flag values a checkpoint was trained with (its shape flags from model_config)."""
+    config, old = ckpt["model_config"], dict(ckpt.get("train_args") or {})
+    preset = next((name for name, shape in PRESETS.items()
+                   if all(config.get(k) == v for k, v in shape.items())), None)
+    entry = ckpt["tokenizer"]
+    kind = "bpe" if isinstance(entry, dict) and "tokens" in entry else (entry or {}).get("name")
+    return {**old, "model_type": old.get("model_type") or preset, "bias": int(config["bias"]),
+            "block_size": config["block_size"], "vocab_size": old.get("vocab_size", config["vocab_size"]),
+            "tokenizer": old.get("tokenizer", kind), "tokenizer_kind": kind}
+
+
+def settle_flags(args, ckpt, how):
+    """Fill in the flags left out (None): from the checkpoint a run resumes or starts from, else
+    from the preset's defaults. A flag the user gave that the checkpoint contradicts is an error."""
+    fixed = ()
+    if ckpt is not None:
+        held = checkpoint_flags(ckpt)
+        fixed = SAME_RUN if how == "resume" else FROM_CHECKPOINT
+        for flag in fixed:
+            given, wanted = getattr(args, flag), held.get(flag)
+            agrees = given == wanted or (flag == "tokenizer" and given == held["tokenizer_kind"]) or (
+                flag == "vocab_size" and held["tokenizer_kind"] != "bpe")   # only our BPE has a size
+            if given is not None and not agrees:
+                where = pathlib.Path(args.out_dir) / "last.pt" if how == "resume" else args.init_from
+                raise InputError(f"{where} was trained with --{flag} {wanted}, not {given} — leave the "
+                                 f"flag out to use the checkpoint's, or start a new run in another --out_dir")
+            setattr(args, flag, wanted)
+        if how == "init_from":
+            args.tokenizer = None                # the checkpoint's own tokenizer is used, whole
+            if args.block_size is not None and args.block_size > held["block_size"]:
+                raise InputError(f"--block_size {args.block_size} is longer than the context of "
+                                 f"{args.init_from} ({held['block_size']}): it can shrink, never grow")
+            args.block_size = args.block_size or held["block_size"]
+    args.model_type = args.model_type or "gpt-micro"
+    defaults = {**PRESET_DEFAULTS[args.model_type], "dataset": "chinese", "tokenizer": data.DEFAULT_TOKENIZER,
+                "vocab_size": data.DEFAULT_VOCAB_SIZE, "bias": 1, "seed": 1337}
+    if args.epochs is not None:
+        del defaults["max_iters"]                # --epochs sets the length instead
+    for key, value in defaults.items():
+        if getattr(args, key) is None and key not in fixed and not (how == "init_from" and key == "tokenizer"):
+            setattr(args, key, value)
+    if args.beta2 is None:
+        # β2 = 0.99 averages the squared gradients over ~100 steps: steadier for the small, noisy
+        # batches of a CPU run; large batches on GPUs take 0.95 (nanoGPT's GPT-2 setting).
+        args.beta2 = 0.95 if args.model_type.startswith("gpt2") else 0.99
+    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+
+
+def parse_args(argv=None):
+    p = bpe.ArgumentParser(prog="train.py", description="Train a GPT from scratch (see the lesson's docstring).")
+    positive_int, positive = bpe.number_flag(int, 1), bpe.number_flag(float, 0, low_open=True)
+    non_negative, fraction = bpe.number_flag(float, 0), bpe.number_flag(float, 0, 1, high_open=True)
+    a = p.add_argument
+    a("--model_type", choices=list(PRESETS), help="model size preset (gpt.py PRESETS; default gpt-micro)")
+    a("--dataset", help="chinese (default) | wikitext | wikitext2 | shakespeare | a .txt/.jsonl file or "
+                        "folder | NAME for data/raw/NAME/")
+    a("--tokenizer", help="bpe (train our own once; default) | gpt2 | cl100k_base | a saved BPE's path")
+    a("--vocab_size", type=bpe.VOCAB_SIZE_FLAG, help="vocabulary size when --tokenizer bpe (default 8192)")
+    a("--data_dir", default="data", help="where raw downloads and token files live")
+    a("--max_mb", type=positive, help="tokenize at most this many MB of text (quick first runs)")
+    a("--num_proc", type=positive_int, help="tokenizing threads (default: all cores)")
+    a("--init_from", help="start from this checkpoint's weights, shape and tokenizer (fine-tuning)")
+    a("--resume", action="store_true", help="continue exactly from out_dir/last.pt")
+    a("--epochs", type=positive, help="train this many passes over the training tokens")
+    a("--max_iters", type=positive_int, help="number of optimizer steps (overrides --epochs)")
+    a("--lr_decay_iters", type=positive_int, help="length of the cosine schedule (default: the run's)")
+    a("--batch_size", type=positive_int, help="sequences per micro-batch (per process)")
+    a("--block_size", type=positive_int, help="context length in tokens")
+    a("--grad_accum", "--gradient_accumulation_steps", type=positive_int, default=1,
+      help="micro-batches per optimizer step (the second name is LLM Learning's)")
+    a("--lr", type=positive, help="peak learning rate")
+    a("--min_lr", type=non_negative, help="learning rate at the end of the cosine (default lr/10)")
+    a("--warmup_iters", type=bpe.number_flag(int, 0), help="steps of linear warm-up")
+    a("--weight_decay", type=non_negative, default=0.1, help="AdamW weight decay, on 2-D weights only")
+    a("--beta2", type=fraction, help="AdamW β2 (default 0.99 for the small presets, 0.95 for gpt2*)")
+    a("--grad_clip", type=non_negative, default=1.0, help="clip the gradient norm to this (0 = off)")
+    a("--dropout", type=fraction, default=0.0, help="dropout rate (0.1–0.2 helps on small data)")
+    a("--bias", type=int, choices=[0, 1], help="biases in Linear and LayerNorm layers (default 1)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast precision")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    a("--compile", action="store_true", help="torch.compile the model (faster on a GPU after a warm-up)")
+    a("--eval_interval", type=positive_int, default=250, help="evaluate and save last.pt every N steps")
+    a("--eval_iters", type=positive_int, default=20, help="batches per evaluation estimate")
+    a("--log_interval", type=positive_int, default=10, help="print a progress line every N steps")
+    a("--sample_every", type=bpe.number_flag(int, 0), default=0,
+      help="print and log a short sample at every N-th evaluation (0: never)")
+    a("--sample_prompt", help="its prompt (default: the first line of the validation text, 20 characters)")
+    a("--sample_tokens", type=positive_int, default=60, help="its length in tokens")
+    a("--out_dir", help="checkpoint folder (default checkpoints/<model_type>)")
+    a("--seed", type=int, help="seed for weights, data order and dropout (default 1337)")
+    args = p.parse_args(argv)
+    if args.resume and args.init_from:
+        p.error("--resume continues out_dir's own run; --init_from starts a new one from another "
+                "checkpoint — use one of them")
+    if args.out_dir is None:
+        args.out_dir = os.path.join("checkpoints", args.model_type or "gpt-micro")
+    return args
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    try:
-        return train(args, argv)
-    except (TrainError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+    train(parse_args(argv), argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(bpe.run_command(main))
