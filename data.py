@@ -191,6 +191,7 @@ def find_source(dataset, data_dir, verbose=True):
 
 
 def builtin_source(name, data_dir, verbose):
+    """A built-in dataset: its raw file is downloaded once into data/raw/<name>/."""
     entry = DATASETS[name]
     raw = data_dir / "raw" / name / entry["filename"]
     if not raw.exists():
@@ -202,6 +203,7 @@ def builtin_source(name, data_dir, verbose):
 
 
 def local_source(path, name):
+    """Your own text: a file, or a folder of files (folder_source)."""
     if path.is_dir():
         return folder_source(path, name)
     check_file(path)
@@ -292,6 +294,7 @@ BPE_TRAIN_MB = 10                            # our BPE learns from at most this 
 
 
 def tokenizer_folder(tokenizer, vocab_size):
+    """The folder name under data/<dataset>/ for this tokenizer."""
     if tokenizer == "bpe":
         return f"bpe{vocab_size}"
     if isinstance(tokenizer, str):
@@ -501,6 +504,7 @@ class BatchIterator:
         self.order = None                                    # this epoch's windows, made lazily
 
     def next_batch(self):
+        """The next (x, y) in this epoch's order; after the last one, the next epoch reshuffles."""
         if self.order is None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n_windows, generator=generator)   # (n_windows,)
@@ -560,6 +564,7 @@ class NoConnection(Exception):
 
 
 def sha256_of(path):
+    """The file's SHA-256, read a megabyte at a time: a 500 MB file never sits in memory whole."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -569,6 +574,7 @@ def sha256_of(path):
 
 def show_progress(done, total, resumed_from, started, final=False):
     """One self-overwriting status line on stderr: size, percent, speed."""
+    # "\r" returns to the start of the line: each update overwrites the one before.
     rate = (done - resumed_from) / max(time.time() - started, 1e-6)     # bytes/s of this try
     line = f"\r  {done / 1e6:8.1f} MB" + (f" / {total / 1e6:.1f} MB ({100 * done / total:5.1f} %)" if total else "")
     print(line + f"  {rate / 1e6:6.2f} MB/s", end="\n" if final else "", file=sys.stderr, flush=True)
@@ -579,6 +585,8 @@ def check_status(response, url):
     code = response.status_code
     if code in (200, 206):
         return
+    # 5xx: the server failed, not the request; 408 Request Timeout and 429 Too Many Requests
+    # likewise pass with time.
     if code >= 500 or code in (408, 429):
         raise Retry(f"the server answered {code}")
     raise InputError(f"{url} answered HTTP {code} — {'the file has moved; ' if code in (404, 410) else ''}"
@@ -587,10 +595,13 @@ def check_status(response, url):
 
 def fetch_once(url, part, timeout):
     """One try: ask for the bytes `part` lacks and append them; raise Retry if cut short."""
+    # The .part file holds what earlier tries received: ask only for the rest.
     have = part.stat().st_size if part.exists() else 0
     # identity: no gzip, so the bytes we count are the bytes of the file and offsets line up
     headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     try:
+        # stream=True: the body arrives chunk by chunk as we read it, never whole in memory.
+        # timeout bounds each wait for the server, not the whole download.
         response = requests.get(url, headers=headers, stream=True, timeout=timeout)
     except (requests.ConnectionError, requests.Timeout) as e:
         raise NoConnection(type(e).__name__) from e
@@ -600,12 +611,15 @@ def fetch_once(url, part, timeout):
             raise Retry("the partial file did not match the server's file")
         check_status(response, url)
         if response.status_code == 206:
+            # 206 Partial Content: Range was honoured. Its Content-Range must start exactly where
+            # our bytes end, or appending would splice two different pieces of the file.
             start = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
             if not start or int(start.group(1)) != have:
                 part.unlink()
                 raise Retry("the server resumed at the wrong byte")
             mode = "ab"
         else:                                                # 200: the whole file, from byte 0
+            # (the server ignored Range, or this is the first try): start the file over
             have, mode = 0, "wb"
         # urllib3 drops the bytes of its last read when it finds the body short; we check the
         # length ourselves below, so let it hand over every byte that did arrive.
@@ -638,7 +652,7 @@ def download(url, dest, sha256=None, retries=5, timeout=30, backoff=None, hint="
     the message when the host cannot be reached at all.
     """
     dest = pathlib.Path(dest)
-    if dest.exists():
+    if dest.exists():                        # only ever renamed into place whole and checked
         return dest
     bpe.make_writable_folder(dest.parent, "--data_dir")
     part = dest.with_name(dest.name + ".part")
@@ -658,6 +672,8 @@ def download(url, dest, sha256=None, retries=5, timeout=30, backoff=None, hint="
         except Retry as e:
             reached_host, error = True, e
         if attempt < retries:
+            # Exponential back-off: a blip costs a second, and a struggling server gets more room
+            # at each try instead of a stampede of retries.
             pause = backoff * 2 ** attempt
             print(f"  download: {error}; retrying in {pause:.2g} s ({attempt + 1}/{retries})", file=sys.stderr)
             time.sleep(pause)
@@ -685,6 +701,7 @@ SEPARATORS = re.compile(r"[\s,]*")           # between array elements: whitespac
 
 
 def record_text(record, where):
+    """The text of one JSON record (`where` says which, for the error message)."""
     text = record.get("text", record.get("completion")) if isinstance(record, dict) else record
     if not isinstance(text, str):
         raise InputError(f"{where}: expected an object with a \"text\" (or \"completion\") string "
@@ -697,7 +714,7 @@ def route_tail(items, size):
     of the file's `size` bytes are validation. One document of lookahead makes sure that at
     least the last one is, even in a tiny file. Blank documents are skipped."""
     boundary = (1 - VAL_FRACTION) * size
-    held = None
+    held = None                              # the previous document, kept back one step
     for offset, doc in items:
         if not doc.strip():
             continue
@@ -713,7 +730,8 @@ def route_tail(items, size):
 
 
 def json_array_documents(path):
-    """A JSON array of {"text"|"completion": ...} objects (the Chinese Wikipedia format)."""
+    """A JSON array of {"text"|"completion": ...} objects (the Chinese Wikipedia format): each
+    element's byte offset decides its split (route_tail)."""
     path = pathlib.Path(path)
     records = ((offset, record_text(record, f"{path}, element at byte {offset:,}"))
                for offset, record in iter_json_array(path))
@@ -727,6 +745,9 @@ def iter_json_array(path):
     let JSONDecoder.raw_decode parse one element starting at `pos`. If the element runs past the
     end of the buffer, raw_decode fails, and we append the next block and try again.
     """
+    # Offsets are counted in bytes of the file (the validation tail is a share of its bytes),
+    # but the buffer holds characters, and a Han character is 3 bytes. So we keep a running
+    # conversion: buf[:seen] is seen_bytes long in UTF-8, and each element is measured once.
     decoder = json.JSONDecoder()
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:       # -sig: skip a BOM if any
@@ -746,6 +767,8 @@ def iter_json_array(path):
                         raise json.JSONDecodeError("buffer empty", buf, pos)
                     element, end = decoder.raw_decode(buf, pos)
                 except json.JSONDecodeError:
+                    # Either the element runs past the end of the buffer (read the next block
+                    # and try again), or, with the whole file read, the file itself is broken.
                     if eof:
                         raise InputError(f"{path}: broken or truncated JSON near byte "
                                          f"{base + seen_bytes:,} — delete it and download it again") from None
@@ -764,6 +787,8 @@ def iter_json_array(path):
 def jsonl_documents(path):
     """A .jsonl file: one document per line, in its "text" (or "completion") field."""
     def lines():
+        # Read bytes, not text: a line's byte offset places it in the train or validation part,
+        # and json.loads decodes UTF-8 itself (saying on which line it fails).
         with open(path, "rb") as f:
             offset = 0
             for number, line in enumerate(f, 1):
@@ -790,12 +815,16 @@ WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n$")   # " = Title = "; sections are
 def wikitext_documents(zip_path):
     """WikiText raw: train and valid files from the zip; each article (from one title line to the
     next) becomes a document, read line by line without unpacking the zip."""
+    # ZipFile.open decompresses as we read, and TextIOWrapper turns those bytes into lines:
+    # 540 MB of text pass through a few KB of memory. newline="" keeps "\r\n" as it is.
     with zipfile.ZipFile(zip_path) as archive:
         for split, member in (("train", "wiki.train.raw"), ("val", "wiki.valid.raw")):
+            # the zip holds one folder (wikitext-103-raw/ or wikitext-2-raw/) with the splits
             name = next(n for n in archive.namelist() if n.endswith("/" + member))
             with archive.open(name) as raw:
                 lines = []
                 for line in io.TextIOWrapper(raw, encoding="utf-8", newline=""):
+                    # a title line ends the article before it (if it held any text)
                     if WIKITEXT_TITLE.match(line) and "".join(lines).strip():
                         yield split, "".join(lines)
                         lines = []
@@ -810,6 +839,8 @@ def capped(documents, max_mb):
     if max_mb is None:
         yield from documents
         return
+    # Budgets in UTF-8 bytes, the unit --max_mb speaks of; validation gets the share it has in
+    # the whole source, so a capped run keeps the same proportions.
     left = {"train": max_mb * 1e6, "val": max_mb * 1e6 * VAL_FRACTION}
     for split, doc in documents:
         if left[split] <= 0:
@@ -838,13 +869,17 @@ def capped(documents, max_mb):
 # re-reading gigabytes would not be.
 
 def file_stamp(path):
-    """What identifies a file's content cheaply: its path, size and modification time."""
+    """A file's path, size and modification time (in nanoseconds)."""
     stat = pathlib.Path(path).stat()
     return [str(pathlib.Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def make_fingerprint(source, tokenizer, vocab_size, max_mb):
-    """Everything the files depend on; an equal fingerprint means there is nothing to redo."""
+    """Everything the files depend on; an equal fingerprint means there is nothing to redo.
+
+    Source files are known by path, size and modification time, not by a checksum: any edit
+    changes the time, and hashing 500 MB at every start would cost seconds for nothing.
+    """
     if tokenizer == "bpe":
         tokenizer_id = ["bpe", vocab_size]
     elif isinstance(tokenizer, str):
@@ -878,11 +913,13 @@ def check_prepared(out, fingerprint):
     ids meta.json counts — checking sizes is cheap; re-reading gigabytes would not be.
     """
     try:
-        meta = load_meta(out)
+        meta = load_meta(out)                                # it parses, with the keys we read
     except InputError:
         return NOT_PREPARED if not (out / "meta.json").exists() else "its meta.json is damaged"
     if meta.get("fingerprint") != fingerprint:
         return "the text, the tokenizer or --max_mb changed"
+    # A .bin file is nothing but ids, so its size must be exactly tokens × bytes per id: a file
+    # cut short by a full disk, or replaced by hand, cannot pass.
     itemsize = {"uint16": 2, "uint32": 4}.get(meta.get("dtype"))
     for split in ("train", "val"):
         path = out / f"{split}.bin"
@@ -914,6 +951,8 @@ def check_prepared(out, fingerprint):
 # before a letter or digit is a piece of its own). So the parts encode exactly like the whole.
 
 TASK_CHARS = 1 << 18                         # ≈ 256 K characters: many tasks per core, little overhead
+# Where a document may be cut without changing its tokens: just after a line break that is
+# followed by a character other than whitespace.
 LINE_START = re.compile(r"\n(?=\S)")
 
 
@@ -921,6 +960,7 @@ def cut_document(doc):
     """Parts of about TASK_CHARS characters that concatenate back to `doc`."""
     start = 0
     while len(doc) - start > 2 * TASK_CHARS:
+        # a line start between 1× and 2× TASK_CHARS ahead: parts stay near TASK_CHARS
         match = LINE_START.search(doc, start + TASK_CHARS, start + 2 * TASK_CHARS)
         end = match.start() + 1 if match else start + TASK_CHARS      # no line break: cut anyway
         yield doc[start:end]
@@ -929,7 +969,12 @@ def cut_document(doc):
 
 
 def make_tasks(documents):
-    """Group (split, document) pairs into tasks (split, [parts], [does part end a document?])."""
+    """Group (split, document) pairs into tasks (split, [parts], [does part end a document?]).
+
+    A task never mixes the two splits (its ids go to one file), and where one task ends depends
+    only on the documents — never on how many workers there are — so the files come out the
+    same with 1 worker or 16.
+    """
     split_now, parts, ends, size = None, [], [], 0
     for split, doc in documents:
         doc_parts = list(cut_document(doc))
@@ -948,6 +993,7 @@ def make_tasks(documents):
 def encode_task(task, enc, itemsize):
     """(split, parts, ends) → (split, the ids as bytes, UTF-8 bytes of text, documents ended)."""
     split, parts, ends = task
+    # <|endoftext|> in the file's own layout: the same little-endian bytes as every other id
     eot = enc.eot_token.to_bytes(itemsize, "little")
     out = bytearray()
     for part, end in zip(parts, ends):
@@ -967,9 +1013,12 @@ def encode_in_parallel(documents, enc, itemsize, num_proc=None):
     process may use), yielding the results in order."""
     num_proc = num_proc or cpu_count()
     tasks = make_tasks(documents)
-    if num_proc == 1:
+    if num_proc == 1:                        # no threads: the plain path the parallel one must equal
         yield from (encode_task(task, enc, itemsize) for task in tasks)
         return
+    # Results must be written in the order of the documents. A queue of futures, taken from the
+    # front, gives that order; keeping it at two tasks a worker keeps every core busy while
+    # bounding memory to a few tasks, however large the source.
     with concurrent.futures.ThreadPoolExecutor(num_proc) as pool:
         pending = collections.deque()                        # at most 2 tasks a worker in flight
         for task in tasks:
@@ -987,6 +1036,7 @@ def encode_in_parallel(documents, enc, itemsize, num_proc=None):
 # prepare on a machine with a network and train on one without. It writes what train.py reads.
 
 def main(argv=None):
+    """python data.py --dataset NAME [...]: prepare one dataset, or every built-in one (all)."""
     parser = bpe.ArgumentParser(prog="data.py", description="Download and tokenize a dataset into "
                                                             "data/<dataset>/<tokenizer>/{train,val}.bin.")
     parser.add_argument("--dataset", default="shakespeare",
@@ -1004,6 +1054,8 @@ def main(argv=None):
                         help="tokenizing threads (default: all cores)")
     parser.add_argument("--data_dir", default="data", help="where raw and prepared data live")
     args = parser.parse_args(argv)
+    # --dataset all: every built-in dataset in turn (LLM Learning's `download_data.py --dataset
+    # all`); a failure stops at that dataset, and running again skips those already prepared.
     for name in list(DATASETS) if args.dataset == "all" else [args.dataset]:
         prepare(name, args.tokenizer, args.data_dir, max_mb=args.max_mb, num_proc=args.num_proc,
                 vocab_size=args.vocab_size)

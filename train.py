@@ -331,6 +331,8 @@ def restore(run, ckpt):
     run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     run.history, run.init_from = ckpt["history"], ckpt.get("init_from")
     run.batches.load_state_dict(ckpt["data_state"])
+    # Last, every generator: the next batch, the next dropout mask, are then exactly those the
+    # uninterrupted run would have drawn.
     random.setstate(ckpt["rng"]["python"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -367,10 +369,12 @@ class Run:
 
     @property
     def master(self):
-        return self.rank == 0                # only the first process prints and writes files
+        """Only the first process prints and writes files: the others would write the same."""
+        return self.rank == 0
 
     @property
     def out(self):
+        """The run folder (--out_dir): last.pt, best_model.pt, log.jsonl, loss.svg."""
         return pathlib.Path(self.args.out_dir)
 
 
@@ -385,12 +389,16 @@ def start_run(args, resume, start):
         # enough for training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # The weights' initialisation and dropout draw from torch's global generator: seeding it makes
+    # a run repeatable, and the checkpoint's "rng" carries it on across a resume.
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     # The tokenizer: --tokenizer's, unless a checkpoint decides (--init_from, or resuming a run
     # that began with --init_from): then the checkpoint's own, whatever data it meets.
     own = resume if resume and args.tokenizer is None else start
     tokenizer = bpe.tokenizer_from_entry(own["tokenizer"]) if own else args.tokenizer
+    # The data, then the model: the model's vocabulary is the size of the tokenizer the data was
+    # written with (data.py's meta.json says it).
     folder = prepare_data(args, tokenizer, local_rank)                            # section 9
     meta = data.load_meta(folder)
     train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
@@ -437,6 +445,9 @@ def train(args, argv=()):
         model = wrap_model(run)                  # torch.compile and/or DDP around it (section 9)
         autocast_ctx = autocast_context(run.device, run.dtype)
         print_start(run)                                                          # section 7
+        # The loop: at each iteration first evaluate (every eval_interval steps), then stop or
+        # take one step. Evaluating first means iteration 0 measures the model as it starts, and
+        # the last evaluation sees the final weights.
         with StopFlag() as stop:                 # Ctrl-C / SIGTERM: finish the step (section 8)
             while True:
                 # evaluate and save every eval_interval steps, and at the very end
@@ -446,7 +457,7 @@ def train(args, argv=()):
                     break
                 # one optimisation step
                 lr = learning_rate(run.iter_num, args, run.total_iters)
-                for group in run.optimizer.param_groups:
+                for group in run.optimizer.param_groups:          # AdamW reads its rate here
                     group["lr"] = lr
                 loss = forward_backward(model, run.batches.next_batch, args.grad_accum, autocast_ctx,
                                         run.scaler, ddp=run.world > 1)
@@ -480,6 +491,8 @@ def evaluate_and_save(run, model, autocast_ctx):
     if not run.master:
         return
     log_eval(run, losses)                                                         # section 7
+    # last.pt is always the newest state (to resume from); best_model.pt the one with the lowest
+    # val loss (to sample from): with a small dataset the model can get worse as it memorises.
     improved = losses["val"] < run.best_val_loss
     run.best_val_loss = min(run.best_val_loss, losses["val"])
     checkpoint = make_checkpoint(run)
@@ -522,7 +535,9 @@ def finish(run, stopped, argv):
 # What it adds: what a person watches during a run. Nothing here changes the training: it reads
 # the run and writes text (and sampling uses a random generator of its own).
 
-# Dense bf16/fp16 tensor-core peaks, in FLOP/s, from the vendors' data sheets (no sparsity).
+# MFU, model FLOPs utilisation: the FLOP/s the model's arithmetic needs at the measured tokens/s,
+# as a share of what the GPU could do. 30–50 % is good for a GPT of this size. The peaks: dense
+# bf16/fp16 tensor-core FLOP/s from the vendors' data sheets (no sparsity).
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
                   "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
@@ -539,10 +554,12 @@ def gpu_peak_flops(device):
 
 
 def tokens_per_step(run):
+    """Tokens one optimizer step trains on, over every process."""
     return run.args.batch_size * run.args.block_size * run.args.grad_accum * run.world
 
 
 def print_start(run):
+    """The run in one line: model size, vocabulary, context, device, precision, length."""
     run.timed_since = (time.time(), run.iter_num)
     if run.master:
         steps = max(1, run.batches.steps_per_epoch // run.args.grad_accum)
@@ -558,6 +575,7 @@ def append_log(run, record):
 
 
 def format_duration(seconds):
+    """1h05m or 4m09s: an ETA a person reads at a glance."""
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -568,6 +586,7 @@ def log_progress(run, loss, lr, norm, stepped):
         loss = average_across_ranks(run, {"loss": loss})["loss"]
     if not run.master:
         return
+    # tokens/s counts training only: the clock restarts after each evaluation (evaluate_and_save)
     now, (since, since_iter) = time.time(), run.timed_since
     dt = (now - since) / max(1, run.iter_num - since_iter)            # seconds per step
     run.timed_since = (now, run.iter_num)
@@ -585,6 +604,7 @@ def log_progress(run, loss, lr, norm, stepped):
 
 
 def log_eval(run, losses):
+    """The evaluation's line: nats/token, perplexity (e^loss) and bits per byte."""
     bpb = bits_per_byte(losses["val"], run.meta["val_tokens"], run.meta["val_bytes"])
     perplexity = math.exp(min(losses["val"], 50))             # e^loss; capped so it cannot overflow
     print(f"eval {run.iter_num}: train {losses['train']:.4f}, val {losses['val']:.4f} nats/token, "
@@ -596,11 +616,14 @@ def log_eval(run, losses):
 
 def write_loss_svg(path, train_points, val_points, width=640, height=360, pad=48):
     """A plain SVG line chart of (iteration, loss) points: train in blue, val in orange."""
+    # SVG is plain text: a polyline of "x,y" pixel pairs per curve, on axes drawn as lines —
+    # no plotting library, and the file opens in any browser.
     points = train_points + val_points
     x_max = max(1, max(p[0] for p in points))
     y_min, y_max = min(p[1] for p in points), max(p[1] for p in points)
     y_span = (y_max - y_min) or 1.0
 
+    # SVG's y axis points down: the lowest loss goes to the bottom edge, height − pad.
     def polyline(pts, colour):                                # data → pixel coordinates
         coords = " ".join(f"{pad + it / x_max * (width - 2 * pad):.1f},"
                           f"{height - pad - (loss - y_min) / y_span * (height - 2 * pad):.1f}" for it, loss in pts)
@@ -623,7 +646,7 @@ def write_loss_svg(path, train_points, val_points, width=640, height=360, pad=48
 def default_sample_prompt(run, enc):
     """The first line of the validation text, cut to 20 characters: text the model has not
     trained on, in the style it learns."""
-    first_ids = run.val_tokens[:200].tolist()
+    first_ids = run.val_tokens[:200].tolist()                # 200 tokens hold a line or more
     text = "".join(bpe.decode_stream(enc, [t for t in first_ids if t != enc.eot_token]))
     return next((line.strip() for line in text.splitlines() if line.strip()), "")[:20]
 
@@ -639,6 +662,8 @@ def sample_while_training(run):
     prompt = run.args.sample_prompt if run.args.sample_prompt is not None else default_sample_prompt(run, enc)
     ids = enc.encode_ordinary(prompt)[-run.config.block_size:] or [enc.eot_token]
     generator = torch.Generator(device=run.device).manual_seed(run.args.seed)
+    # temperature 0.8 among the 200 likeliest tokens: a little tamer than the model's raw
+    # distribution, so that a sample shows what it has learned more than its noise
     run.model.eval()
     new_ids = run.model.stream(torch.tensor([ids], device=run.device), run.args.sample_tokens,
                                temperature=0.8, top_k=200, generator=generator)
@@ -675,7 +700,7 @@ def claim_out_dir(out_dir, resume):
     created = not folder.exists()
     bpe.make_writable_folder(folder, "--out_dir")
     lock = folder / LOCK_NAME
-    take_lock(lock)
+    take_lock(lock)                          # first the lock: a run going on now is the likelier story
     try:
         earlier = [name for name in RUN_FILES if (folder / name).exists()]
         if earlier and not resume:
@@ -693,7 +718,7 @@ def take_lock(path):
     succeeds), holding "host pid". A lock whose process is gone (killed with SIGKILL, the machine
     rebooted) is taken over, with a note."""
     me = f"{socket.gethostname()} {os.getpid()}"
-    while True:
+    while True:                              # a second pass only after removing a stale lock
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             os.write(fd, me.encode())
@@ -711,6 +736,7 @@ def take_lock(path):
 
 
 def process_alive(pid):
+    """Whether a process with this id runs on this machine."""
     try:
         os.kill(pid, 0)                                      # signal 0: only asks "does it exist?"
     except ProcessLookupError:
@@ -725,6 +751,8 @@ def rewind_log(path, iter_num):
     killed after logging but before saving would otherwise log those iterations twice."""
     if not path.exists():
         return
+    # The evaluation at iter_num was logged just before last.pt was saved, so it stays; what
+    # came after belongs to the lost stretch, which the resumed run will log again.
     kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
             if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
     bpe.write_text_atomically(path, "".join(kept))
@@ -734,7 +762,7 @@ def resume_command(argv, world):
     """The command that continues this run: the same flags with --resume (and without
     --init_from, whose weights are in last.pt now)."""
     args = list(argv)
-    if "--init_from" in args:
+    if "--init_from" in args:                # its weights are in last.pt now
         i = args.index("--init_from")
         del args[i:i + 2]
     launcher = ["torchrun", "--nproc_per_node", str(world)] if world > 1 else ["python"]
@@ -752,6 +780,7 @@ class StopFlag:
         return self
 
     def handle(self, signum, frame):
+        """The signal handler: the first signal asks politely, a second insists."""
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -775,6 +804,9 @@ class StopFlag:
 def setup_distributed(device):
     """Under torchrun (RANK set), join the process group: NCCL between GPUs, gloo on CPUs.
     Returns (rank, local rank on this machine, world size, device)."""
+    # torchrun tells each process who it is: RANK (0 … WORLD_SIZE−1 over all machines),
+    # LOCAL_RANK (its number on this machine, hence its GPU), WORLD_SIZE, and where to meet
+    # (MASTER_ADDR, MASTER_PORT), which init_process_group reads.
     if "RANK" not in os.environ:
         return 0, 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -796,6 +828,7 @@ def prepare_data(args, tokenizer, local_rank):
     machine's processes without data, or all of them tokenizing at once.)"""
     kwargs = dict(data_dir=args.data_dir, max_mb=args.max_mb, num_proc=args.num_proc,
                   vocab_size=args.vocab_size)
+    # Prepared data is reused, so the waiting processes' own prepare() only finds it done.
     if local_rank == 0:
         folder = data.prepare(args.dataset, tokenizer, verbose=True, **kwargs)
     if dist.is_initialized():
@@ -808,6 +841,8 @@ def prepare_data(args, tokenizer, local_rank):
 def wrap_model(run):
     """The model the loop calls: torch.compile'd if asked, in DDP under torchrun. The bare model
     stays in run.model: it is what we save, and what samples."""
+    # torch.compile traces the model into fused kernels (minutes of warm-up, then faster steps
+    # on a GPU). DDP wraps the outside so that backward() all-reduces the gradients.
     model = torch.compile(run.model) if run.args.compile else run.model
     if run.world > 1:
         model = DDP(model, device_ids=[torch.device(run.device).index] if run.device.startswith("cuda") else None)
@@ -817,7 +852,7 @@ def wrap_model(run):
 def average_across_ranks(run, values):
     """{name: float} → the same names, averaged over every process."""
     t = torch.tensor(list(values.values()), device=run.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t)                       # sums over the processes, in place, on every one
     return {name: v / run.world for name, v in zip(values, t.tolist())}
 
 
@@ -880,7 +915,11 @@ def read_start_checkpoints(args):
 
 
 def checkpoint_flags(ckpt):
-    """The flag values a checkpoint was trained with (its shape flags from model_config)."""
+    """The flag values a checkpoint was trained with (its shape flags from model_config).
+
+    tokenizer_kind is what its tokenizer entry holds — "bpe" (ours) or an OpenAI name — which a
+    --tokenizer flag may name instead of the exact value the run was started with.
+    """
     config, old = ckpt["model_config"], dict(ckpt.get("train_args") or {})
     preset = next((name for name, shape in PRESETS.items()
                    if all(config.get(k) == v for k, v in shape.items())), None)
@@ -894,11 +933,13 @@ def checkpoint_flags(ckpt):
 def settle_flags(args, ckpt, how):
     """Fill in the flags left out (None): from the checkpoint a run resumes or starts from, else
     from the preset's defaults. A flag the user gave that the checkpoint contradicts is an error."""
-    fixed = ()
+    fixed = ()                               # the flags the checkpoint decides
     if ckpt is not None:
         held = checkpoint_flags(ckpt)
         fixed = SAME_RUN if how == "resume" else FROM_CHECKPOINT
         for flag in fixed:
+            # A flag agrees when it equals the checkpoint's; --tokenizer may also name the kind
+            # ("bpe"), and --vocab_size means nothing for OpenAI's vocabularies.
             given, wanted = getattr(args, flag), held.get(flag)
             agrees = given == wanted or (flag == "tokenizer" and given == held["tokenizer_kind"]) or (
                 flag == "vocab_size" and held["tokenizer_kind"] != "bpe")   # only our BPE has a size
@@ -913,6 +954,9 @@ def settle_flags(args, ckpt, how):
                 raise InputError(f"--block_size {args.block_size} is longer than the context of "
                                  f"{args.init_from} ({held['block_size']}): it can shrink, never grow")
             args.block_size = args.block_size or held["block_size"]
+    # What is still unset takes its default: the preset's for its shape and schedule, the
+    # project's for the rest. Flags a checkpoint decided stay as it decided, even None (a
+    # run started with --init_from names no --tokenizer: its checkpoint carries the tokenizer).
     args.model_type = args.model_type or "gpt-micro"
     defaults = {**PRESET_DEFAULTS[args.model_type], "dataset": "chinese", "tokenizer": data.DEFAULT_TOKENIZER,
                 "vocab_size": data.DEFAULT_VOCAB_SIZE, "bias": 1, "seed": 1337}
@@ -929,10 +973,13 @@ def settle_flags(args, ckpt, how):
 
 
 def parse_args(argv=None):
+    """The flags as given. Those left out stay None here; settle_flags fills them in once it is
+    known whether a checkpoint decides them."""
     p = bpe.ArgumentParser(prog="train.py", description="Train a GPT from scratch (see the lesson's docstring).")
     positive_int, positive = bpe.number_flag(int, 1), bpe.number_flag(float, 0, low_open=True)
     non_negative, fraction = bpe.number_flag(float, 0), bpe.number_flag(float, 0, 1, high_open=True)
     a = p.add_argument
+    # what to train, and on what
     a("--model_type", choices=list(PRESETS), help="model size preset (gpt.py PRESETS; default gpt-micro)")
     a("--dataset", help="chinese (default) | wikitext | wikitext2 | shakespeare | a .txt/.jsonl file or "
                         "folder | NAME for data/raw/NAME/")
@@ -941,8 +988,10 @@ def parse_args(argv=None):
     a("--data_dir", default="data", help="where raw downloads and token files live")
     a("--max_mb", type=positive, help="tokenize at most this many MB of text (quick first runs)")
     a("--num_proc", type=positive_int, help="tokenizing threads (default: all cores)")
+    # where a run starts
     a("--init_from", help="start from this checkpoint's weights, shape and tokenizer (fine-tuning)")
     a("--resume", action="store_true", help="continue exactly from out_dir/last.pt")
+    # how long, in what batches, at what learning rate
     a("--epochs", type=positive, help="train this many passes over the training tokens")
     a("--max_iters", type=positive_int, help="number of optimizer steps (overrides --epochs)")
     a("--lr_decay_iters", type=positive_int, help="length of the cosine schedule (default: the run's)")
@@ -953,14 +1002,17 @@ def parse_args(argv=None):
     a("--lr", type=positive, help="peak learning rate")
     a("--min_lr", type=non_negative, help="learning rate at the end of the cosine (default lr/10)")
     a("--warmup_iters", type=bpe.number_flag(int, 0), help="steps of linear warm-up")
+    # the optimizer and the model's regularisation
     a("--weight_decay", type=non_negative, default=0.1, help="AdamW weight decay, on 2-D weights only")
     a("--beta2", type=fraction, help="AdamW β2 (default 0.99 for the small presets, 0.95 for gpt2*)")
     a("--grad_clip", type=non_negative, default=1.0, help="clip the gradient norm to this (0 = off)")
     a("--dropout", type=fraction, default=0.0, help="dropout rate (0.1–0.2 helps on small data)")
     a("--bias", type=int, choices=[0, 1], help="biases in Linear and LayerNorm layers (default 1)")
+    # where, and how fast
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast precision")
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a("--compile", action="store_true", help="torch.compile the model (faster on a GPU after a warm-up)")
+    # watching it learn
     a("--eval_interval", type=positive_int, default=250, help="evaluate and save last.pt every N steps")
     a("--eval_iters", type=positive_int, default=20, help="batches per evaluation estimate")
     a("--log_interval", type=positive_int, default=10, help="print a progress line every N steps")
@@ -968,6 +1020,7 @@ def parse_args(argv=None):
       help="print and log a short sample at every N-th evaluation (0: never)")
     a("--sample_prompt", help="its prompt (default: the first line of the validation text, 20 characters)")
     a("--sample_tokens", type=positive_int, default=60, help="its length in tokens")
+    # where it goes, and its randomness
     a("--out_dir", help="checkpoint folder (default checkpoints/<model_type>)")
     a("--seed", type=int, help="seed for weights, data order and dropout (default 1337)")
     args = p.parse_args(argv)
@@ -980,6 +1033,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """python train.py [flags]: parse, then train (its errors become one line: bpe.run_command)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     train(parse_args(argv), argv)
 
