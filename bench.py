@@ -170,6 +170,26 @@ def bench_output_layer(n_embd=192):
     table(["vocab", "F.linear µs", "x @ (C, vocab) µs", "speed-up", "transposed copy ms", "break-even tokens"], rows)
 
 
+def bench_cpu_dtypes():
+    """--dtype bfloat16 on a CPU: float32 against bfloat16 autocast, forward + backward, at
+    gpt-micro's default training shape (our 8192 BPE, block 128, batch 32) and at nanoGPT's
+    character-level shape (vocab 65, block 64, batch 12)."""
+    from gpt import GPT, GPTConfig
+    print(f"## model — --dtype on a CPU: float32 vs bfloat16 autocast, gpt-micro forward+backward ({machine()})\n")
+    rows = []
+    for vocab, block, batch in ((8192, 128, 32), (65, 64, 12)):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_preset("gpt-micro", vocab_size=vocab, block_size=block))
+        g = torch.Generator().manual_seed(0)
+        x, y = (torch.randint(0, vocab, (batch, block), generator=g) for _ in range(2))
+        f32, bf16 = paired_ms([lambda: fwd_bwd_step(model, x, y, "float32"),
+                               lambda: fwd_bwd_step(model, x, y, "bfloat16")], repeat=30, warmup=3)
+        tokens = batch * block
+        rows.append([f"vocab {vocab:,}, block {block}, batch {batch}", f"{tokens / f32 * 1000:,.0f}",
+                     f"{tokens / bf16 * 1000:,.0f}", f"{f32 / bf16:.2f}×"])
+    table(["shape", "float32 tokens/s", "bfloat16 tokens/s", "bfloat16 speed"], rows)
+
+
 def bench_model():
     from gpt import GPT, GPTConfig
     print(f"## model — gpt-micro forward+backward, block 64, batch 12, vocab 65, no bias ({machine()})\n")
@@ -194,6 +214,7 @@ def bench_model():
                      f"{12 * 64 / o * 1000:,.0f}"])
     table(["dtype", "ours ms/iter", "nanoGPT ms/iter", "nanoGPT / ours", "ours tokens/s"], rows)
 
+    bench_cpu_dtypes()
     bench_generation()
     bench_output_layer()
 
@@ -408,10 +429,11 @@ def _cl100k_pair(bpe):
 
 def _bench_encoding(bpe, minbpe):
     print("\n### Encoding speed with cl100k_base ranks (MB/s, higher is better)\n")
-    print("| text | bpe.py | tiktoken (1 thread) | minbpe GPT4Tokenizer | bpe.py / tiktoken "
-          "| goal |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| text | bpe.py | bpe.py, plain rule only (fast=False) | tiktoken (1 thread) | minbpe GPT4Tokenizer "
+          "| bpe.py / tiktoken | goal |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     ours, enc = _cl100k_pair(bpe)
+    plain = bpe.BPETokenizer(ours.ranks, ours.pattern, ours.special_tokens, fast=False)
     theirs = minbpe.GPT4Tokenizer() if minbpe is not None else None
     goals = {"tinyshakespeare.txt": "≥ 1/4", "tang_poems.txt": "", "zh_wiki_sample.txt": "≥ 1/8"}
     for name, goal in goals.items():
@@ -419,19 +441,20 @@ def _bench_encoding(bpe, minbpe):
         mb = len(text.encode("utf-8")) / 1e6
 
         def run_ours():
-            ours._cache.clear()
-            ours._segment_cache.clear()  # cold caches: every piece is new at first
+            ours.fast.pieces.clear()
+            ours.fast.segments.clear()  # cold caches: every piece is new at first
             assert ours.encode_ordinary(text) == expected
 
         expected = enc.encode_ordinary(text)
         t_ours = best_seconds(run_ours, repeat=2)
+        t_plain = best_seconds(lambda: plain.encode_ordinary(text), repeat=1)
         t_tik = best_seconds(lambda: enc.encode_ordinary(text), repeat=3)
         cell = "—"
         if theirs is not None:
             slice_ = text[:len(text) // 10]  # 100 KB: minbpe is too slow for a whole MB
             t_min = best_seconds(lambda: theirs.encode_ordinary(slice_))
             cell = f"{len(slice_.encode('utf-8')) / 1e6 / t_min:.3f} (on 100 KB)"
-        print(f"| {name} (1 MB) | {mb / t_ours:.2f} | {mb / t_tik:.2f} | {cell} | "
+        print(f"| {name} (1 MB) | {mb / t_ours:.2f} | {mb / t_plain:.2f} | {mb / t_tik:.2f} | {cell} | "
               f"1/{t_ours / t_tik:.1f} | {goal} |")
 
 
