@@ -381,13 +381,15 @@ def test_greedy_generation_equals_argmax_of_forward_step_by_step():
 
 def test_sampled_stream_equals_drawing_from_the_softmax_step_by_step():
     model = tiny_gpt(seed=5).double().eval()
+    with torch.no_grad():
+        model.wte.weight.mul_(3)                 # logits further apart: the temperature matters
     idx = torch.randint(0, 64, (1, 4), generator=torch.Generator().manual_seed(3))
-    streamed = [int(t) for t in model.stream(idx, 12, temperature=0.7, generator=torch.Generator().manual_seed(5))]
+    streamed = [int(t) for t in model.stream(idx, 12, temperature=0.25, generator=torch.Generator().manual_seed(5))]
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for _ in range(12):
             logits, _ = model(idx)
-            probs = (logits[:, -1] / 0.7).softmax(-1)
+            probs = (logits[:, -1] / 0.25).softmax(-1)
             idx = torch.cat([idx, torch.multinomial(probs, 1, generator=g)], dim=1)
     assert streamed == idx[0, 4:].tolist()
 
@@ -677,6 +679,17 @@ def test_the_fast_encoder_gives_the_plain_rules_ids(official):
     for k in range(40):
         piece = mixed_text(rng.randint(30, 400), seed=k).encode("utf-8")
         assert bpe.merge_piece_heap(piece, tok.ranks) == bpe.merge_piece(piece, tok.ranks)
+
+
+def test_a_piece_that_is_a_token_is_that_token_even_where_merging_cannot_reach_it():
+    # "bc" merges first (rank 4), and then no pair joins: merging alone gives a | bc | d. But
+    # "abcd" is itself a token, and tiktoken looks the whole piece up first: [7].
+    ranks = {b"a": 0, b"b": 1, b"c": 2, b"d": 3, b"bc": 4, b"ab": 5, b"cd": 6, b"abcd": 7}
+    assert bpe.merge_piece(b"abcd", ranks) == [0, 4, 3]
+    enc = tiktoken.Encoding("toy", pat_str=r"\w+", mergeable_ranks=ranks, special_tokens={})
+    assert enc.encode_ordinary("abcd") == [7]
+    for fast in (True, False):
+        assert bpe.BPETokenizer(ranks, r"\w+", fast=fast).encode_ordinary("abcd") == [7]
 
 
 # ---- special tokens ---------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def make_checkpoint(run):
     tokenizer      bpe.tokenizer_entry: a name, or our BPE whole         sample.py, --resume, --init_from
     optimizer      AdamW's moments and step counts                       --resume
     scaler         the float16 GradScaler's state, or None               --resume
-    iter_num       optimizer steps taken                                 --resume, --init_from, sample.py
+    iter_num       optimizer steps taken                                 --resume; --init_from records it
     best_val_loss  the lowest val loss so far, nats/token                --resume
     train_args     every flag but MODEL_CONFIG_FLAGS (one copy each)      --resume, sample.py's flag check
     rng            the state of every random generator a step draws      --resume
