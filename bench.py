@@ -190,15 +190,24 @@ def bench_cpu_dtypes():
     table(["shape", "float32 tokens/s", "bfloat16 tokens/s", "bfloat16 speed"], rows)
 
 
-def bench_model():
+# nanoGPT's documented CPU recipe (4 × 128, block 64, batch 12, characters: vocab 65)
+RECIPE_SHAPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
+
+
+def recipe_model_and_batch():
+    """Our GPT at RECIPE_SHAPE and one fixed batch (x, y) of 12 × 64, all seeded."""
     from gpt import GPT, GPTConfig
-    print(f"## model — gpt-micro forward+backward, block 64, batch 12, vocab 65, no bias ({machine()})\n")
-    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 65, (12, 64), generator=g)
     y = torch.randint(0, 65, (12, 64), generator=g)
     torch.manual_seed(0)
-    ours = GPT(GPTConfig(**shape))
+    return GPT(GPTConfig(**RECIPE_SHAPE)), x, y
+
+
+def bench_model():
+    print(f"## model — gpt-micro forward+backward, block 64, batch 12, vocab 65, no bias ({machine()})\n")
+    shape = RECIPE_SHAPE
+    ours, x, y = recipe_model_and_batch()
     nano_mod = load_nanogpt_model()
     peer = None
     if nano_mod is not None:
@@ -277,15 +286,10 @@ def nanogpt_step(model, optimizer, x, y):
 def bench_train_throughput():
     import argparse as _argparse
     import train
-    from gpt import GPT, GPTConfig
     print(f"## train — step throughput, nanoGPT's CPU recipe shape: 4 layers, 4 heads, 128 wide, "
           f"block 64, batch 12, vocab 65, float32 ({machine()})\n")
-    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=65, dropout=0.0, bias=False)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 65, (12, 64), generator=g)
-    y = torch.randint(0, 65, (12, 64), generator=g)
-    torch.manual_seed(0)
-    ours = GPT(GPTConfig(**shape))
+    shape = RECIPE_SHAPE
+    ours, x, y = recipe_model_and_batch()
     args = _argparse.Namespace(lr=1e-3, weight_decay=0.1, beta2=0.99)
     opt = train.make_optimizer(ours, args)
     scaler = torch.amp.GradScaler("cpu", enabled=False)

@@ -864,6 +864,8 @@ def read_text(path, max_mb=None):
                          f"convert it first, e.g. iconv -f GB18030 -t UTF-8 {path} > {path.stem}.utf8.txt") from None
     text = text.removeprefix("\ufeff")
     if not text.strip():
+        if max_mb is not None and path.stat().st_size > len(data):
+            raise InputError(f"the first {max_mb} MB of {path} hold no text — raise --max_mb")
         raise InputError(f"{path} holds no text{' (only whitespace)' if text else ''} — put some text in it")
     return text
 
@@ -927,7 +929,7 @@ def number_flag(kind, low=None, high=None, low_open=False, high_open=False, why=
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
         if too_low or too_high or value != value:                # value != value: NaN
@@ -943,7 +945,12 @@ VOCAB_SIZE_FLAG = number_flag(int, 257, why=" (256 byte tokens + <|endoftext|>)"
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a wrong flag is one line — `error: ... (see: python X.py --help)` — exit 2."""
+    """argparse, but a wrong flag is one line — `error: ... (see: python X.py --help)` — exit 2 —
+    and no abbreviations: --init would otherwise mean --init_from, and a printed command that
+    shortens a flag could not be edited reliably."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         print(f"error: {message} (see: python {self.prog} --help)", file=sys.stderr)
@@ -976,6 +983,8 @@ def run_command(main, argv=None):
 
 def train_command(args):
     text = read_text(args.file, args.max_mb)
+    if pathlib.Path(args.out).is_dir():
+        raise InputError(f"--out {args.out} is a folder — give the path of a file, e.g. {args.out}/vocab.bpe")
     make_writable_folder(pathlib.Path(args.out).parent, "--out")
     pattern = GPT4_SPLIT_PATTERN if args.pattern == "gpt4" else GPT2_SPLIT_PATTERN
     t0 = time.time()

@@ -97,7 +97,7 @@ def prepare(dataset, tokenizer=DEFAULT_TOKENIZER, data_dir="data", max_mb=None, 
         (out / "meta.json").unlink(missing_ok=True)      # a half-rebuilt folder must not look done
         tokenizer = choose_tokenizer(tokenizer, source, out, vocab_size, max_mb, verbose)   # section 3
         enc = bpe.get_tokenizer(tokenizer)               # the encoder, built once, passed down
-        counts = write_token_files(capped(source.documents(), max_mb), enc, out, num_proc, verbose)
+        counts = write_token_files(capped(source.documents(), max_mb), enc, out, num_proc, verbose)  # 4, 7, 9
         write_meta(out, source, tokenizer, enc, counts, max_mb, fingerprint)     # section 4
     return out
 
@@ -197,8 +197,9 @@ def builtin_source(name, data_dir, verbose):
     if not raw.exists():
         url = dataset_url(entry)                                                 # section 6
         say(verbose, f"downloading {name} ({entry['size']}; {entry['licence']}) from {url}")
-        mirror = "use a mirror (HF_ENDPOINT=https://hf-mirror.com), " if "hf_path" in entry else ""
-        download(url, raw, sha256=entry["sha256"], hint=mirror)                  # section 6
+        mirror = "use a mirror (HF_ENDPOINT=https://hf-mirror.com), or " if "hf_path" in entry else ""
+        with building(raw.parent):                       # a failure leaves no empty folder (section 8)
+            download(url, raw, sha256=entry["sha256"], hint=mirror)              # section 6
     return Source(name, [raw], lambda: read_documents(raw, entry["format"]), entry["about"])
 
 
@@ -222,6 +223,8 @@ def folder_source(folder, name):
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".txt", ".jsonl", ".json"))
     if not files:
         raise InputError(f"{folder} holds no .txt, .jsonl or .json file — put your text in {folder}/train.txt")
+    if val is not None and not paired:
+        raise InputError(f"{folder} has {val.name} but no train.txt — name the training text train.txt")
     for f in files:
         check_file(f)
 
@@ -314,23 +317,25 @@ def choose_tokenizer(tokenizer, source, out, vocab_size, max_mb, verbose):
         return tokenizer
     path = out / "tokenizer.bpe"
     if tokenizer == "bpe":
-        if path.is_file():
-            try:
-                return bpe.BPETokenizer.load(path)
-            except InputError:
-                say(verbose, f"{path} is damaged: training it again")
-        tokenizer = train_bpe(source, vocab_size, max_mb, verbose)
+        name = bpe_name(source, vocab_size, max_mb)           # says what it is made from (section 8)
+        try:
+            saved = bpe.BPETokenizer.load(path) if path.is_file() else None
+        except InputError:
+            saved = None
+        if saved is not None and saved.name == name:
+            return saved
+        tokenizer = train_bpe(source, vocab_size, max_mb, name, verbose)
     tokenizer.save(path)
     return tokenizer
 
 
-def train_bpe(source, vocab_size, max_mb, verbose):
+def train_bpe(source, vocab_size, max_mb, name, verbose):
     """Our BPE (bpe.py), trained on the first BPE_TRAIN_MB MB of training text: seconds, not
     minutes, and plenty to learn the common merges."""
     budget = min(BPE_TRAIN_MB, max_mb) if max_mb is not None else BPE_TRAIN_MB
-    docs = [doc for split, doc in capped(source.documents(), budget) if split == "train"]
+    docs = [doc for _, doc in capped(source.documents(), budget, splits=("train",))]
     say(verbose, f"training a {vocab_size}-token BPE on {sum(map(len, docs)):,} characters ...")
-    return bpe.BPETokenizer.train("\n".join(docs), vocab_size, name=f"bpe{vocab_size}")
+    return bpe.BPETokenizer.train("\n".join(docs), vocab_size, name=name)
 
 
 def load_tokenizer(folder):
@@ -649,7 +654,7 @@ def download(url, dest, sha256=None, retries=5, timeout=30, backoff=None, hint="
     Up to 1 + `retries` tries, pausing backoff·2^k seconds before try k+1; each try resumes from
     the bytes already in `dest.part`. A 404 fails at once. When `sha256` is given and does not
     match, the partial file is deleted and nothing is ever left at `dest`. `hint` is added to
-    the message when the host cannot be reached at all.
+    the message when the host cannot be reached at all (it ends in ", or ").
     """
     dest = pathlib.Path(dest)
     if dest.exists():                        # only ever renamed into place whole and checked
@@ -657,7 +662,7 @@ def download(url, dest, sha256=None, retries=5, timeout=30, backoff=None, hint="
     bpe.make_writable_folder(dest.parent, "--data_dir")
     part = dest.with_name(dest.name + ".part")
     backoff = BACKOFF_S if backoff is None else backoff
-    manual = f"or download {url} yourself and give its path: --dataset path/to/{dest.name}"
+    manual = f"download {url} yourself and give its path: --dataset path/to/{dest.name}"
     reached_host = False
     for attempt in range(retries + 1):
         try:
@@ -679,7 +684,7 @@ def download(url, dest, sha256=None, retries=5, timeout=30, backoff=None, hint="
             time.sleep(pause)
     else:
         raise InputError(f"download of {url} failed after {retries + 1} tries ({error}) — run the "
-                         f"same command again to resume, {manual}")
+                         f"same command again to resume, or {manual}")
     if sha256 is not None and (got := sha256_of(part)) != sha256.lower():
         part.unlink()
         raise InputError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got} — the "
@@ -697,7 +702,7 @@ def download(url, dest, sha256=None, retries=5, timeout=30, backoff=None, hint="
 # its "text" field, else its "completion" field (the Chinese Wikipedia dump's name for it).
 
 JSON_BLOCK_CHARS = 1 << 20                   # how much of a JSON array to read at a time
-SEPARATORS = re.compile(r"[\s,]*")           # between array elements: whitespace and one comma
+SEPARATORS = re.compile(r"[\s,]*")           # between array elements: whitespace and commas
 
 
 def record_text(record, where):
@@ -833,15 +838,16 @@ def wikitext_documents(zip_path):
                     yield split, "".join(lines)
 
 
-def capped(documents, max_mb):
+def capped(documents, max_mb, splits=("train", "val")):
     """Stop at max_mb MB of training text and max_mb/10 MB of validation text (UTF-8 bytes);
-    a document that does not fit is cut at its last line break (or character) that does."""
+    a document that does not fit is cut at its last line break (or character) that does.
+    splits=("train",): training text only, and stop reading as soon as it is full."""
     if max_mb is None:
         yield from documents
         return
     # Budgets in UTF-8 bytes, the unit --max_mb speaks of; validation gets the share it has in
     # the whole source, so a capped run keeps the same proportions.
-    left = {"train": max_mb * 1e6, "val": max_mb * 1e6 * VAL_FRACTION}
+    left = {"train": max_mb * 1e6, "val": max_mb * 1e6 * VAL_FRACTION if "val" in splits else 0}
     for split, doc in documents:
         if left[split] <= 0:
             if max(left.values()) <= 0:
@@ -850,7 +856,9 @@ def capped(documents, max_mb):
         raw = doc.encode("utf-8")
         if len(raw) > left[split]:
             head = raw[:int(left[split])]
-            cut = head.rfind(b"\n") + 1 or bpe.utf8_boundary(head)
+            cut = head.rfind(b"\n") + 1                         # just after the last line break,
+            if cut == 0:                                         # or with none, the last whole
+                cut = bpe.utf8_boundary(head)                    # character
             doc, left[split] = head[:cut].decode("utf-8"), 0
         else:
             left[split] -= len(raw)
@@ -872,6 +880,13 @@ def file_stamp(path):
     """A file's path, size and modification time (in nanoseconds)."""
     stat = pathlib.Path(path).stat()
     return [str(pathlib.Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def bpe_name(source, vocab_size, max_mb):
+    """The name our BPE is saved under: bpe<vocab_size>-<hash of what it learns from> (the source
+    files and the budget of text), so a saved one is reused only for the very same inputs."""
+    inputs = [file_stamp(f) for f in source.files] + [min(BPE_TRAIN_MB, max_mb or BPE_TRAIN_MB)]
+    return f"bpe{vocab_size}-{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:8]}"
 
 
 def make_fingerprint(source, tokenizer, vocab_size, max_mb):
@@ -946,14 +961,17 @@ def check_prepared(out, fingerprint):
 # against 1.58× with 2 processes). Tasks do not depend on the number of workers, so 1 or 16
 # workers write identical files.
 #
-# Cutting a document right after a "\n" that is followed by a non-space character does not
-# change its tokens: in both the GPT-2 and cl100k patterns no piece spans such a boundary ("\n"
-# before a letter or digit is a piece of its own). So the parts encode exactly like the whole.
+# Cutting a document right after a "\n" that stands between two non-space characters does not
+# change its tokens: in both the GPT-2 and cl100k patterns no piece spans such a boundary (that
+# "\n" is a piece of its own, or ends the piece of punctuation before it, and the next character
+# starts a new piece). So the parts encode exactly like the whole.
 
 TASK_CHARS = 1 << 18                         # ≈ 256 K characters: many tasks per core, little overhead
-# Where a document may be cut without changing its tokens: just after a line break that is
-# followed by a character other than whitespace.
-LINE_START = re.compile(r"\n(?=\S)")
+# Where a document may be cut without changing its tokens: just after a line break that comes
+# between two characters other than whitespace ("text\ntext"). A run of two or more whitespace
+# characters must stay whole: at the end of a part, GPT-2's pattern would take "\n\n" as one
+# piece (\s++$), where the whole document splits it in two.
+LINE_START = re.compile(r"(?<=\S)\n(?=\S)")
 
 
 def cut_document(doc):
@@ -962,7 +980,9 @@ def cut_document(doc):
     while len(doc) - start > 2 * TASK_CHARS:
         # a line start between 1× and 2× TASK_CHARS ahead: parts stay near TASK_CHARS
         match = LINE_START.search(doc, start + TASK_CHARS, start + 2 * TASK_CHARS)
-        end = match.start() + 1 if match else start + TASK_CHARS      # no line break: cut anyway
+        # no such line break in 2 × TASK_CHARS characters (rare): cut anyway, which can change a
+        # token or two at the cut
+        end = match.start() + 1 if match else start + TASK_CHARS
         yield doc[start:end]
         start = end
     yield doc[start:]

@@ -190,7 +190,7 @@ def score_text(model, enc, text, stride=None):
     if n_scored > 100_000:
         print(f"note: scoring {n_scored:,} tokens; this takes a while on a CPU", file=sys.stderr)
     nats_per_token = sliding_window_nats(model, seq, stride) / n_scored
-    return {"nats_per_token": nats_per_token, "perplexity": math.exp(nats_per_token),
+    return {"nats_per_token": nats_per_token, "perplexity": math.exp(min(nats_per_token, 700)),   # e^700: near float's top
             "bits_per_byte": train.bits_per_byte(nats_per_token, n_scored, n_bytes),
             "tokens": n_scored, "bytes": n_bytes}
 

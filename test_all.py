@@ -921,7 +921,8 @@ def test_cli_trains_on_a_max_mb_cut_in_the_middle_of_a_character(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_utf8", "not_utf8_max_mb", "binary", "empty", "blank",
-                                  "missing_vocab", "not_a_vocab", "empty_report", "out_under_a_file"])
+                                  "missing_vocab", "not_a_vocab", "empty_report", "out_under_a_file",
+                                  "out_is_a_folder", "max_mb_holds_no_character"])
 def test_cli_bad_input_gives_one_clear_line_and_exit_1(tmp_path, case):
     ok = tmp_path / "ok.txt"
     ok.write_text("hello 你好", encoding="utf-8")
@@ -942,6 +943,9 @@ def test_cli_bad_input_gives_one_clear_line_and_exit_1(tmp_path, case):
         "not_a_vocab": ["report", ok, "--vocab", ok],
         "empty_report": ["report", tmp_path / "empty.txt"],
         "out_under_a_file": ["train", ok, "--vocab_size", 300, "--out", ok / "o.bpe"],
+        "out_is_a_folder": ["train", ok, "--vocab_size", 300, "--out", tmp_path],
+        "max_mb_holds_no_character": ["train", write(tmp_path / "zh.txt", "你好世界"), "--vocab_size", 300, "--out",
+                                      tmp_path / "o.bpe", "--max_mb", 2e-6],    # 2 bytes: not a whole 你
     }[case]
     code, out, err = run("bpe.py", *args)
     assert code == 1 and out == ""
@@ -1103,6 +1107,7 @@ def test_an_unreachable_hub_names_the_mirror_and_the_manual_route(tmp_path, monk
     code, _, err = run("data.py", "--dataset", "chinese", "--data_dir", tmp_path)
     line = one_error_line(err)
     assert code == 1 and "HF_ENDPOINT=https://hf-mirror.com" in line and "--dataset path/to/" in line
+    assert list(tmp_path.iterdir()) == []                      # no empty data/raw/chinese/ left
 
 
 def test_wikitext_zip_is_read_per_article_from_its_own_splits(server, tmp_path, monkeypatch):
@@ -1185,10 +1190,14 @@ def test_one_and_two_workers_write_identical_files(tmp_path, monkeypatch):
     one = data.prepare(path, "gpt2", data_dir=tmp_path / "a", num_proc=1, verbose=False)
     two = data.prepare(path, "gpt2", data_dir=tmp_path / "b", num_proc=2, verbose=False)
     assert snapshot(one) == snapshot(two)
-    # cutting parts after a line break keeps the tokens of the whole text
+    # cutting parts after a line break keeps the tokens of the whole text — with blank lines too,
+    # which GPT-2's pattern would split differently at the end of a part
     enc = tiktoken.get_encoding("gpt2")
-    train_text = decoded(two, "train")[:-len(EOT)]
-    assert data.load_tokens(two, "train").tolist() == enc.encode_ordinary(train_text) + [enc.eot_token]
+    blank_lines = data.prepare(write(tmp_path / "b.txt", "Hello world, a line.\nAnd one more.\n\n" * 300 + TEXT), "gpt2",
+                               data_dir=tmp_path / "c", num_proc=2, verbose=False)
+    for folder in (two, blank_lines):
+        train_text = decoded(folder, "train")[:-len(EOT)]
+        assert data.load_tokens(folder, "train").tolist() == enc.encode_ordinary(train_text) + [enc.eot_token]
 
 
 def test_jsonl_file_reads_text_or_completion_fields(tmp_path):
@@ -1231,6 +1240,16 @@ def test_bpe_tokenizer_is_trained_once_saved_and_used(tmp_path, monkeypatch):
     monkeypatch.setattr(bpe.BPETokenizer, "train", fail)
     (folder / "meta.json").unlink()  # force re-tokenizing: the saved tokenizer is reused
     assert data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=300, num_proc=1, verbose=False) == folder
+
+
+def test_our_bpe_is_trained_again_when_what_it_learns_from_changes(tmp_path):
+    path = write(tmp_path / "t.txt", TEXT * 3)
+    small = data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=600, max_mb=0.002, num_proc=1, verbose=False)
+    first = data.load_tokenizer(small)
+    whole = data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=600, num_proc=1, verbose=False)
+    assert whole == small                                   # the same folder, bpe600 …
+    again = data.load_tokenizer(whole)
+    assert again.name != first.name and again.n_vocab > first.n_vocab      # … a BPE of the whole text
 
 
 def test_a_bpe_you_bring_gets_a_folder_of_its_own_and_is_copied_into_it(tmp_path, trained):
@@ -1285,7 +1304,7 @@ def test_data_py_prepares_the_folder_train_py_then_uses(tmp_path):
 @pytest.mark.parametrize("case,says", [
     ("empty", "is empty"), ("missing", "no such file or folder"), ("gbk", "not UTF-8"),
     ("blank", "only whitespace"), ("unknown", "unknown dataset 'klingon'"), ("data_dir_is_a_file", "cannot write to"),
-    ("not_a_tokenizer", "not a tokenizer file"),
+    ("not_a_tokenizer", "not a tokenizer file"), ("validation_alone", "no train.txt"),
 ])
 def test_data_py_bad_input_is_one_line_exit_1_and_leaves_no_folders(tmp_path, case, says):
     write(tmp_path / "ok.txt", TEXT)
@@ -1296,7 +1315,10 @@ def test_data_py_bad_input_is_one_line_exit_1_and_leaves_no_folders(tmp_path, ca
             "gbk": ["--dataset", tmp_path / "gbk.txt", "--tokenizer", "gpt2"],
             "blank": ["--dataset", tmp_path / "blank.txt"], "unknown": ["--dataset", "klingon"],
             "data_dir_is_a_file": ["--dataset", tmp_path / "ok.txt", "--data_dir", tmp_path / "ok.txt"],
-            "not_a_tokenizer": ["--dataset", tmp_path / "ok.txt", "--tokenizer", tmp_path / "ok.txt"]}[case]
+            "not_a_tokenizer": ["--dataset", tmp_path / "ok.txt", "--tokenizer", tmp_path / "ok.txt"],
+            "validation_alone": ["--dataset", tmp_path / "notes"]}[case]
+    write(tmp_path / "notes" / "notes.txt", TEXT)
+    write(tmp_path / "notes" / "validation.txt", TEXT)
     if "--data_dir" not in args:
         args += ["--data_dir", tmp_path / "d"]
     before = snapshot(tmp_path)
@@ -1389,11 +1411,16 @@ def test_load_tokens_maps_the_file_instead_of_reading_it(tmp_path):
 # train.py
 # ==============================================================================================
 
+def text_and_data_folder(tmp_path_factory, name, text):
+    """A text file NAME.txt, and a data folder beside it that a module's runs share."""
+    root = tmp_path_factory.mktemp(name)
+    return write(root / f"{name}.txt", text), root / "data"
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A small Chinese/English text file and a shared data folder (prepared once)."""
-    root = tmp_path_factory.mktemp("corpus")
-    return write(root / "small.txt", SMALL_TEXT), root / "data"
+    """A small Chinese/English text and its data folder (prepared once)."""
+    return text_and_data_folder(tmp_path_factory, "small", SMALL_TEXT)
 
 
 def train_argv(corpus, out_dir, *extra):
@@ -1521,15 +1548,22 @@ def test_resume_refuses_a_checkpoint_of_another_model(corpus, tmp_path):
     assert snapshot(out) == before
 
 
-def test_resume_takes_the_flags_it_needs_from_the_checkpoint(corpus, tmp_path):
-    out = train_ok(corpus, tmp_path / "run", "--max_iters", "4")
-    path, data_dir = corpus
-    code, stdout, err = run("train.py", "--resume", "--out_dir", out, "--data_dir", data_dir, "--max_iters", "6",
-                            "--eval_iters", "2", "--device", "cpu")
+def test_resume_with_only_resume_and_the_folder_goes_on_exactly_as_it_was(corpus, tmp_path):
+    special = ("--dropout", "0.1", "--lr_decay_iters", "9", "--eval_interval", "3", "--warmup_iters", "4",
+               "--grad_clip", "0.5", "--weight_decay", "0.2", "--beta2", "0.9")
+    straight = train_ok(corpus, tmp_path / "straight", "--max_iters", "9", *special)
+    halves = train_ok(corpus, tmp_path / "halves", "--max_iters", "6", *special)
+    code, _, err = run("train.py", "--resume", "--out_dir", halves, "--max_iters", "9")
     assert code == 0, err
-    ckpt = load_ckpt(out / "last.pt")
-    assert ckpt["iter_num"] == 6 and ckpt["train_args"]["dataset"] == str(path)
-    assert ckpt["model_config"]["block_size"] == 16 and ckpt["train_args"]["model_type"] == "gpt-nano"
+    a, b = load_ckpt(straight / "last.pt"), load_ckpt(halves / "last.pt")
+    assert a["train_args"] == {**b["train_args"], "out_dir": a["train_args"]["out_dir"], "resume": False}
+    assert a["model_config"] == b["model_config"] and train_losses(straight) == train_losses(halves)
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
+def test_init_from_needs_a_folder_of_its_own(pretrained):
+    code, _, err = run("train.py", "--init_from", pretrained, "--dataset", "whatever.txt")
+    assert code == 2 and "--out_dir" in one_error_line(err)
 
 
 def test_resume_rewinds_the_log_so_no_iteration_is_logged_twice(corpus, tmp_path):
@@ -1816,8 +1850,8 @@ def test_init_from_and_resume_together_is_one_line(pretrained, tmp_path):
 
 @pytest.fixture(scope="module")
 def zh_corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zh")
-    return write(root / "zh.txt", ZH_TEXT), root / "data"
+    """Chinese with emoji, and its data folder."""
+    return text_and_data_folder(tmp_path_factory, "zh", ZH_TEXT)
 
 
 def trained_checkpoint(zh_corpus, out_dir, *extra):
@@ -2059,6 +2093,8 @@ def bad_checkpoint(tmp_path, kind, good):
         torch.save(torch.zeros(3), path)
     elif kind == "pickled_class":
         torch.save({"model": NotPlainData()}, path)
+    elif kind == "folder":
+        path = good.parent
     elif kind == "heads":
         ckpt = load_ckpt(good)
         ckpt["model_config"]["n_head"] = 5                           # 48 is not divisible by 5
@@ -2077,6 +2113,7 @@ def bad_checkpoint(tmp_path, kind, good):
     ("tensor", "not a checkpoint of this project"),
     ("pickled_class", "holds pickled Python objects"),
     ("heads", "the weights do not fit its model_config"),
+    ("folder", "is a run folder"),
 ])
 def test_a_bad_checkpoint_is_one_clear_error_line(tmp_path, gpt2_checkpoint, kind, says):
     path = bad_checkpoint(tmp_path, kind, gpt2_checkpoint)

@@ -258,7 +258,8 @@ def make_checkpoint(run):
         "best_val_loss": run.best_val_loss,
         "train_args": {k: v for k, v in vars(run.args).items() if k not in MODEL_CONFIG_FLAGS},
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                # this process's own GPU: under DDP each rank saves and restores its own stream
+                # the current GPU's. Only rank 0 saves, and every rank restores its state: all
+                # ranks were seeded alike and draw alike, so their generators were equal anyway.
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
         "data_state": run.batches.state_dict(),
         "history": run.history,
@@ -282,6 +283,8 @@ def save_checkpoint(checkpoint, path):
 def read_checkpoint(path, need=("model", "model_config", "tokenizer")):
     """torch.load(weights_only=True), with every way it can fail said in one line."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a run folder — give a checkpoint in it, e.g. {path / 'best_model.pt'}")
     if not path.is_file():
         raise InputError(f"no checkpoint at {path} — train one with: {TRAIN_HINT}")
     with open(path, "rb") as f:
@@ -326,6 +329,9 @@ def restore(run, ckpt):
     """--resume: put back everything make_checkpoint saved, so the run continues exactly."""
     run.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    for group in run.optimizer.param_groups:     # β2 and decay as this run's flags say (they are
+        group["betas"] = (0.9, run.args.beta2)    # last.pt's own unless given anew)
+    run.optimizer.param_groups[0]["weight_decay"] = run.args.weight_decay
     if ckpt["scaler"] is not None:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -395,8 +401,9 @@ def start_run(args, resume, start):
     random.seed(args.seed)
     # The tokenizer: --tokenizer's, unless a checkpoint decides (--init_from, or resuming a run
     # that began with --init_from): then the checkpoint's own, whatever data it meets.
-    own = resume if resume and args.tokenizer is None else start
-    tokenizer = bpe.tokenizer_from_entry(own["tokenizer"]) if own else args.tokenizer
+    # (settle_flags leaves args.tokenizer None exactly for such runs.)
+    deciding = resume if resume and args.tokenizer is None else start
+    tokenizer = bpe.tokenizer_from_entry(deciding["tokenizer"]) if deciding else args.tokenizer
     # The data, then the model: the model's vocabulary is the size of the tokenizer the data was
     # written with (data.py's meta.json says it).
     folder = prepare_data(args, tokenizer, local_rank)                            # section 9
@@ -409,15 +416,13 @@ def start_run(args, resume, start):
     else:
         model = GPT(GPTConfig.from_preset(args.model_type, vocab_size=meta["vocab_size"],
                                           block_size=args.block_size, dropout=args.dropout, bias=bool(args.bias)))
-    model = model.to(device)
-    optimizer = make_optimizer(model, args)
+    optimizer = make_optimizer(model.to(device), args)
     # The scaler is only active for float16; for other dtypes every call passes straight through.
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
     run = Run(args, device, dtype, rank, world, meta, train_tokens, val_tokens, batches, model.config,
               model, optimizer, scaler, bpe.tokenizer_entry(data.load_tokenizer(folder)),
-              total_iters=count_iters(args, batches))
-    if start:
-        run.init_from = {"path": str(args.init_from), "iter_num": start["iter_num"]}
+              total_iters=count_iters(args, batches),
+              init_from={"path": str(args.init_from), "iter_num": start["iter_num"]} if start else None)
     if resume:
         restore(run, resume)
     if run.master:
@@ -448,12 +453,13 @@ def train(args, argv=()):
         # The loop: at each iteration first evaluate (every eval_interval steps), then stop or
         # take one step. Evaluating first means iteration 0 measures the model as it starts, and
         # the last evaluation sees the final weights.
+        stopping = False
         with StopFlag() as stop:                 # Ctrl-C / SIGTERM: finish the step (section 8)
             while True:
                 # evaluate and save every eval_interval steps, and at the very end
                 if run.iter_num % args.eval_interval == 0 or run.iter_num == run.total_iters:
                     evaluate_and_save(run, model, autocast_ctx)
-                if run.iter_num >= run.total_iters or stop.requested:
+                if run.iter_num >= run.total_iters or stopping:
                     break
                 # one optimisation step
                 lr = learning_rate(run.iter_num, args, run.total_iters)
@@ -463,13 +469,14 @@ def train(args, argv=()):
                                         run.scaler, ddp=run.world > 1)
                 norm, stepped = optimizer_step(model, run.optimizer, run.scaler, args.grad_clip)
                 loss = loss.item()               # waits for the GPU: once per step
+                stopping = stop.requested
                 if run.world > 1:                # every rank must agree to stop (section 9)
-                    stop.requested, loss = agree_across_ranks(run, stop.requested, loss)
+                    stopping, loss = agree_across_ranks(run, stopping, loss)
                 check_finite(run, loss)
                 run.iter_num += 1
                 if run.iter_num % args.log_interval == 0:
                     log_progress(run, loss, lr, norm, stepped)                    # section 7
-        finish(run, stop.requested, argv)
+        finish(run, stopping, argv)
         leave_distributed()                                                       # section 9
     return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "history": run.history}
 
@@ -581,7 +588,11 @@ def format_duration(seconds):
 
 
 def log_progress(run, loss, lr, norm, stepped):
-    """Every log_interval steps: loss, learning rate, tokens/s, MFU (on a known GPU), ETA."""
+    """Every log_interval steps: loss, learning rate, tokens/s, MFU (on a known GPU), ETA.
+
+    Under DDP the printed loss is the mean over the processes, each of which saw its own share
+    of the batch: the loss of the whole global batch.
+    """
     if run.world > 1:
         loss = average_across_ranks(run, {"loss": loss})["loss"]
     if not run.master:
@@ -716,19 +727,25 @@ def claim_out_dir(out_dir, resume):
 def take_lock(path):
     """Create the lock file exclusively (O_EXCL: of two processes trying at once, exactly one
     succeeds), holding "host pid". A lock whose process is gone (killed with SIGKILL, the machine
-    rebooted) is taken over, with a note."""
+    rebooted) is taken over, with a note; so is an empty one older than a minute (a process
+    killed between creating the file and writing it)."""
     me = f"{socket.gethostname()} {os.getpid()}"
-    while True:                              # a second pass only after removing a stale lock
+    while True:                              # again only after a lock went away or was stale
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             os.write(fd, me.encode())
             os.close(fd)
             return
         except FileExistsError:
-            holder = path.read_text(errors="replace").split() if path.exists() else []
-        host, pid = (holder + ["?", "0"])[:2] if len(holder) >= 2 else ("?", "0")
-        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
-            print(f"note: {path} was left by process {pid}, which has ended; taking it over", file=sys.stderr)
+            pass
+        try:
+            holder, age = path.read_text(errors="replace").split(), time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            continue                             # it went away meanwhile: try again
+        host, pid = holder[:2] if len(holder) >= 2 else ("?", "?")
+        gone = host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+        if gone or (not holder and age > 60):
+            print(f"note: {path} was left by a process that has ended; taking it over", file=sys.stderr)
             path.unlink(missing_ok=True)
             continue
         raise InputError(f"{path.parent} is in use by another training run (process {pid} on {host}) — "
@@ -753,18 +770,29 @@ def rewind_log(path, iter_num):
         return
     # The evaluation at iter_num was logged just before last.pt was saved, so it stays; what
     # came after belongs to the lost stretch, which the resumed run will log again.
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("iter", 0) <= iter_num]
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:                       # a line cut short when the process was killed
+            continue
+        if record.get("iter", 0) <= iter_num:
+            kept.append(line if line.endswith("\n") else line + "\n")
     bpe.write_text_atomically(path, "".join(kept))
 
 
 def resume_command(argv, world):
     """The command that continues this run: the same flags with --resume (and without
-    --init_from, whose weights are in last.pt now)."""
+    --init_from, whose weights are in last.pt now).
+
+    It repeats the flags as given, though --resume would take them from last.pt: a command a
+    person can read back says what the run is, and can be edited (a longer --max_iters, say).
+    """
     args = list(argv)
     if "--init_from" in args:                # its weights are in last.pt now
         i = args.index("--init_from")
         del args[i:i + 2]
+    args = [a for a in args if not a.startswith("--init_from=")]
     launcher = ["torchrun", "--nproc_per_node", str(world)] if world > 1 else ["python"]
     return shlex.join(launcher + ["train.py"] + [a for a in args if a != "--resume"] + ["--resume"])
 
@@ -865,6 +893,8 @@ def leave_distributed():
 
 
 def agree_across_ranks(run, stop_requested, loss):
+    # A signal reaches the processes at different moments (or only one of them), and a NaN can
+    # appear on one rank's data alone; a MAX all-reduce of two flags settles both at once.
     """Every rank must leave the loop at the same step, or the others would wait forever in the
     next all-reduce: agree on "stop?" and "diverged?" together (any rank's yes is everyone's)."""
     flags = torch.tensor([float(stop_requested), float(not math.isfinite(loss))], device=run.device)
@@ -890,17 +920,25 @@ PRESET_DEFAULTS = {
     "gpt2-large":  dict(block_size=1024, batch_size=8,  lr=2.5e-4, max_iters=600000, warmup_iters=2000),
     "gpt2-xl":     dict(block_size=1024, batch_size=4,  lr=2e-4, max_iters=600000, warmup_iters=2000),
 }
-# A resumed run must be the same run: these flags must agree with last.pt, and when left out
-# they are taken from it. A run started from another checkpoint (--init_from) takes that model's
-# shape and tokenizer: FROM_CHECKPOINT must agree with it, and --block_size may only shrink.
+# A resumed run must be the same run: these flags, if given, must agree with last.pt (all the
+# others left out are taken from it too). A run started from another checkpoint (--init_from)
+# takes that model's shape and tokenizer: FROM_CHECKPOINT must agree with it.
 SAME_RUN = ("model_type", "dataset", "tokenizer", "vocab_size", "bias", "block_size", "batch_size",
             "max_mb", "seed")
 FROM_CHECKPOINT = ("model_type", "tokenizer", "vocab_size", "bias")
+# The project's defaults, for the flags a checkpoint did not decide (the preset's come first).
+# argparse itself gives every flag None, so that "left out" can be told from "given": a resumed
+# run must take last.pt's value for a flag left out, not this default.
+FLAG_DEFAULTS = dict(dataset="chinese", tokenizer=data.DEFAULT_TOKENIZER, vocab_size=data.DEFAULT_VOCAB_SIZE,
+                     data_dir="data", bias=1, dropout=0.0, grad_accum=1, weight_decay=0.1, grad_clip=1.0,
+                     dtype="auto", device="auto", compile=False, eval_interval=250, eval_iters=20,
+                     log_interval=10, sample_every=0, sample_tokens=60, seed=1337)
 
 
 def read_start_checkpoints(args):
     """(last.pt to resume, the checkpoint to start from): each None unless asked for — and the
-    flags they fix, settled (settle_flags)."""
+    flags they fix, settled (settle_flags). Both are read before any folder is touched, so a
+    missing or foreign checkpoint, or a flag that contradicts it, costs nothing."""
     resume = start = None
     if args.resume:
         path = pathlib.Path(args.out_dir) / "last.pt"
@@ -926,50 +964,65 @@ def checkpoint_flags(ckpt):
     entry = ckpt["tokenizer"]
     kind = "bpe" if isinstance(entry, dict) and "tokens" in entry else (entry or {}).get("name")
     return {**old, "model_type": old.get("model_type") or preset, "bias": int(config["bias"]),
-            "block_size": config["block_size"], "vocab_size": old.get("vocab_size", config["vocab_size"]),
-            "tokenizer": old.get("tokenizer", kind), "tokenizer_kind": kind}
+            "block_size": config["block_size"], "dropout": config["dropout"],
+            "vocab_size": old.get("vocab_size", config["vocab_size"]), "tokenizer": old.get("tokenizer", kind),
+            "tokenizer_kind": kind}
+
+
+def check_agrees(args, held, flag, how):
+    """A flag the user gave must agree with the checkpoint's value. --tokenizer may also name the
+    kind ("bpe"); --vocab_size means nothing for OpenAI's vocabularies."""
+    given, wanted = getattr(args, flag), held.get(flag)
+    if given is None or given == wanted or (flag == "tokenizer" and given == held["tokenizer_kind"]) \
+            or (flag == "vocab_size" and held["tokenizer_kind"] != "bpe"):
+        return
+    shown = wanted if wanted is not None else "(the checkpoint's own)" if flag == "tokenizer" else "(not given)"
+    if how == "resume":
+        raise InputError(f"{pathlib.Path(args.out_dir) / 'last.pt'} was trained with --{flag} {shown}, not "
+                         f"{given} — leave the flag out to go on as it was, or start a new run in another --out_dir")
+    raise InputError(f"{args.init_from} was trained with --{flag} {shown}, not {given} — leave the flag "
+                     f"out: the checkpoint decides it")
 
 
 def settle_flags(args, ckpt, how):
-    """Fill in the flags left out (None): from the checkpoint a run resumes or starts from, else
-    from the preset's defaults. A flag the user gave that the checkpoint contradicts is an error."""
-    fixed = ()                               # the flags the checkpoint decides
+    """Fill in the flags left out (None).
+
+    Resuming, every one comes from last.pt, so the run goes on exactly as it was; the SAME_RUN
+    flags, if given, must agree with it. Starting from a checkpoint (--init_from), the
+    FROM_CHECKPOINT flags come from it (and must agree), and --block_size may only shrink. What is
+    still unset then takes the preset's default, and last the project's (FLAG_DEFAULTS).
+    """
+    decided = set()                          # flags the checkpoint set, even to None
     if ckpt is not None:
         held = checkpoint_flags(ckpt)
-        fixed = SAME_RUN if how == "resume" else FROM_CHECKPOINT
-        for flag in fixed:
-            # A flag agrees when it equals the checkpoint's; --tokenizer may also name the kind
-            # ("bpe"), and --vocab_size means nothing for OpenAI's vocabularies.
-            given, wanted = getattr(args, flag), held.get(flag)
-            agrees = given == wanted or (flag == "tokenizer" and given == held["tokenizer_kind"]) or (
-                flag == "vocab_size" and held["tokenizer_kind"] != "bpe")   # only our BPE has a size
-            if given is not None and not agrees:
-                where = pathlib.Path(args.out_dir) / "last.pt" if how == "resume" else args.init_from
-                raise InputError(f"{where} was trained with --{flag} {wanted}, not {given} — leave the "
-                                 f"flag out to use the checkpoint's, or start a new run in another --out_dir")
-            setattr(args, flag, wanted)
-        if how == "init_from":
-            args.tokenizer = None                # the checkpoint's own tokenizer is used, whole
+        for flag in SAME_RUN if how == "resume" else FROM_CHECKPOINT:
+            check_agrees(args, held, flag, how)
+        if how == "resume":
+            decided = {flag for flag in held if flag in vars(args) and flag not in ("resume", "init_from", "out_dir")}
+        else:
+            # a run started with --init_from names no --tokenizer: it uses the checkpoint's, whole
+            decided = set(FROM_CHECKPOINT)
+            held["tokenizer"] = None
             if args.block_size is not None and args.block_size > held["block_size"]:
                 raise InputError(f"--block_size {args.block_size} is longer than the context of "
                                  f"{args.init_from} ({held['block_size']}): it can shrink, never grow")
             args.block_size = args.block_size or held["block_size"]
-    # What is still unset takes its default: the preset's for its shape and schedule, the
-    # project's for the rest. Flags a checkpoint decided stay as it decided, even None (a
-    # run started with --init_from names no --tokenizer: its checkpoint carries the tokenizer).
+        for flag in decided:
+            if getattr(args, flag) is None or flag in FROM_CHECKPOINT + ("tokenizer",):
+                setattr(args, flag, held[flag])
     args.model_type = args.model_type or "gpt-micro"
-    defaults = {**PRESET_DEFAULTS[args.model_type], "dataset": "chinese", "tokenizer": data.DEFAULT_TOKENIZER,
-                "vocab_size": data.DEFAULT_VOCAB_SIZE, "bias": 1, "seed": 1337}
+    defaults = {**PRESET_DEFAULTS[args.model_type], **FLAG_DEFAULTS}
     if args.epochs is not None:
         del defaults["max_iters"]                # --epochs sets the length instead
     for key, value in defaults.items():
-        if getattr(args, key) is None and key not in fixed and not (how == "init_from" and key == "tokenizer"):
+        if getattr(args, key) is None and key not in decided:
             setattr(args, key, value)
     if args.beta2 is None:
         # β2 = 0.99 averages the squared gradients over ~100 steps: steadier for the small, noisy
         # batches of a CPU run; large batches on GPUs take 0.95 (nanoGPT's GPT-2 setting).
         args.beta2 = 0.95 if args.model_type.startswith("gpt2") else 0.99
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    args.out_dir = args.out_dir or os.path.join("checkpoints", args.model_type)
 
 
 def parse_args(argv=None):
@@ -985,7 +1038,7 @@ def parse_args(argv=None):
                         "folder | NAME for data/raw/NAME/")
     a("--tokenizer", help="bpe (train our own once; default) | gpt2 | cl100k_base | a saved BPE's path")
     a("--vocab_size", type=bpe.VOCAB_SIZE_FLAG, help="vocabulary size when --tokenizer bpe (default 8192)")
-    a("--data_dir", default="data", help="where raw downloads and token files live")
+    a("--data_dir", help="where raw downloads and token files live (default data)")
     a("--max_mb", type=positive, help="tokenize at most this many MB of text (quick first runs)")
     a("--num_proc", type=positive_int, help="tokenizing threads (default: all cores)")
     # where a run starts
@@ -997,29 +1050,29 @@ def parse_args(argv=None):
     a("--lr_decay_iters", type=positive_int, help="length of the cosine schedule (default: the run's)")
     a("--batch_size", type=positive_int, help="sequences per micro-batch (per process)")
     a("--block_size", type=positive_int, help="context length in tokens")
-    a("--grad_accum", "--gradient_accumulation_steps", type=positive_int, default=1,
-      help="micro-batches per optimizer step (the second name is LLM Learning's)")
+    a("--grad_accum", "--gradient_accumulation_steps", type=positive_int,
+      help="micro-batches per optimizer step (default 1; the second name is LLM Learning's)")
     a("--lr", type=positive, help="peak learning rate")
     a("--min_lr", type=non_negative, help="learning rate at the end of the cosine (default lr/10)")
     a("--warmup_iters", type=bpe.number_flag(int, 0), help="steps of linear warm-up")
     # the optimizer and the model's regularisation
-    a("--weight_decay", type=non_negative, default=0.1, help="AdamW weight decay, on 2-D weights only")
+    a("--weight_decay", type=non_negative, help="AdamW weight decay, on 2-D weights only (default 0.1)")
     a("--beta2", type=fraction, help="AdamW β2 (default 0.99 for the small presets, 0.95 for gpt2*)")
-    a("--grad_clip", type=non_negative, default=1.0, help="clip the gradient norm to this (0 = off)")
-    a("--dropout", type=fraction, default=0.0, help="dropout rate (0.1–0.2 helps on small data)")
+    a("--grad_clip", type=non_negative, help="clip the gradient norm to this (0 = off; default 1.0)")
+    a("--dropout", type=fraction, help="dropout rate (default 0; 0.1–0.2 helps on small data)")
     a("--bias", type=int, choices=[0, 1], help="biases in Linear and LayerNorm layers (default 1)")
     # where, and how fast
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="autocast precision")
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    a("--compile", action="store_true", help="torch.compile the model (faster on a GPU after a warm-up)")
+    a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="autocast precision (default auto)")
+    a("--device", help="auto (default) | cpu | cuda | cuda:N | mps")
+    a("--compile", action="store_true", default=None, help="torch.compile the model (faster on a GPU after a warm-up)")
     # watching it learn
-    a("--eval_interval", type=positive_int, default=250, help="evaluate and save last.pt every N steps")
-    a("--eval_iters", type=positive_int, default=20, help="batches per evaluation estimate")
-    a("--log_interval", type=positive_int, default=10, help="print a progress line every N steps")
-    a("--sample_every", type=bpe.number_flag(int, 0), default=0,
-      help="print and log a short sample at every N-th evaluation (0: never)")
+    a("--eval_interval", type=positive_int, help="evaluate and save last.pt every N steps (default 250)")
+    a("--eval_iters", type=positive_int, help="batches per evaluation estimate (default 20)")
+    a("--log_interval", type=positive_int, help="print a progress line every N steps (default 10)")
+    a("--sample_every", type=bpe.number_flag(int, 0),
+      help="print and log a short sample at every N-th evaluation (default 0: never)")
     a("--sample_prompt", help="its prompt (default: the first line of the validation text, 20 characters)")
-    a("--sample_tokens", type=positive_int, default=60, help="its length in tokens")
+    a("--sample_tokens", type=positive_int, help="its length in tokens (default 60)")
     # where it goes, and its randomness
     a("--out_dir", help="checkpoint folder (default checkpoints/<model_type>)")
     a("--seed", type=int, help="seed for weights, data order and dropout (default 1337)")
@@ -1027,8 +1080,10 @@ def parse_args(argv=None):
     if args.resume and args.init_from:
         p.error("--resume continues out_dir's own run; --init_from starts a new one from another "
                 "checkpoint — use one of them")
-    if args.out_dir is None:
-        args.out_dir = os.path.join("checkpoints", args.model_type or "gpt-micro")
+    if args.init_from and not args.out_dir:
+        p.error("--init_from starts a new run: give it a folder of its own with --out_dir")
+    if args.resume and not args.out_dir:        # where to find last.pt (a fresh run's default
+        args.out_dir = os.path.join("checkpoints", args.model_type or "gpt-micro")   # is set later)
     return args
 
 
