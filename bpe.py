@@ -563,8 +563,10 @@ def merge_in_piece(ids, a, b, new, stats, count):
             continue
         if a == b:
             unseen -= 1                                          # the `b` we swallow was an `a`
-        if k:                                                    # the pair on the left
-            left = ids[k - 1]                                    # `new` if an occurrence just ended
+        if k:                                                    # the pair on the left:
+            left = ids[k - 1]                                    # (left, a) is lost, (left, new) born.
+            # But if an occurrence ended just before (at k − 1), ids[k − 1] is already `new`, and
+            # the pair lost is the one the text held before that merge: (b, a).
             stats[b if last == k - 1 else left, a] -= count
             born.append((left, new))
         if k + 2 < n:                                            # the pair on the right, unless

@@ -697,9 +697,11 @@ def download(url, dest, sha256=None, retries=5, timeout=30, backoff=None, hint="
 # 7. (optional) Big sources: streams, and --max_mb
 # ----------------------------------------------------------------------------------------------
 # What it adds: JSON, JSON Lines and the WikiText zips read a document at a time, so a 500 MB
-# source never sits in memory whole; and --max_mb, which stops reading once enough text has come
-# — a first run on the Chinese Wikipedia then takes minutes, not an hour. A JSON record's text is
-# its "text" field, else its "completion" field (the Chinese Wikipedia dump's name for it).
+# source never sits in memory whole; and --max_mb, which tokenizes only the first N MB of
+# training text — a first run on the Chinese Wikipedia then takes minutes, not an hour. (The
+# source is still read to its end, where the validation text is; our BPE's training stops as
+# soon as it has its text.) A JSON record's text is its "text" field, else its "completion"
+# field (the Chinese Wikipedia dump's name for it).
 
 JSON_BLOCK_CHARS = 1 << 20                   # how much of a JSON array to read at a time
 SEPARATORS = re.compile(r"[\s,]*")           # between array elements: whitespace and commas

@@ -1570,7 +1570,9 @@ def test_resume_rewinds_the_log_so_no_iteration_is_logged_twice(corpus, tmp_path
     out = train_ok(corpus, tmp_path / "run", "--max_iters", "10")
     saved = (out / "last.pt").read_bytes()                  # the resume point at iteration 10
     train_ok(corpus, out, "--max_iters", "20", "--resume")
-    (out / "last.pt").write_bytes(saved)    # as if killed after logging 11 … 20, before saving them
+    (out / "last.pt").write_bytes(saved)    # as if killed after logging 11 … 20, before saving them,
+    with open(out / "log.jsonl", "a", encoding="utf-8") as log:
+        log.write('{"type": "train", "it')   # in the middle of writing one more line
     train_ok(corpus, out, "--max_iters", "20", "--resume")
     assert [r["iter"] for r in log_records(out, "train")] == list(range(1, 21))
     assert [r["iter"] for r in log_records(out, "eval")] == [0, 5, 10, 15, 20]
