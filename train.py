@@ -1008,7 +1008,7 @@ def settle_flags(args, ckpt, how):
                                  f"{args.init_from} ({held['block_size']}): it can shrink, never grow")
             args.block_size = args.block_size or held["block_size"]
         for flag in decided:
-            if getattr(args, flag) is None or flag in FROM_CHECKPOINT + ("tokenizer",):
+            if getattr(args, flag) is None or flag in FROM_CHECKPOINT:
                 setattr(args, flag, held[flag])
     args.model_type = args.model_type or "gpt-micro"
     defaults = {**PRESET_DEFAULTS[args.model_type], **FLAG_DEFAULTS}
