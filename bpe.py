@@ -6,18 +6,16 @@ What you will learn here, numbered as the section banners:
   2. the merge rule: inside a piece, keep joining the adjacent pair whose joined bytes has the
      lowest rank — tiktoken's whole encoder in one sentence, and why it replays training;
   3. training a vocabulary: merge the most frequent pair, again and again;
-  4. the tokenizer: BPETokenizer — encode, special tokens, decode;
-  5. the fast encoder the other lessons use (tiktoken over the same ranks), the one place that
-     says which tokenizer a checkpoint holds, and decoding a stream of tokens without "�";
+  4. the tokenizer: BPETokenizer — encode by the merge rule, special tokens, decode;
+  5. the encoder the other lessons run (tiktoken over the very same ranks), which tokenizer a
+     checkpoint holds, and decoding a stream of tokens without "�";
   6. the report: what gpt2, cl100k_base and a vocabulary of our own do to Chinese.
 Optional sections, for a second reading:
   7. (optional) training fast: the same merges, updating pair counts only where a merge happened;
-  8. (optional) encoding fast: caches, a heap for long pieces, cutting Han runs where no token
-     crosses — the same ids, 2–10× faster;
-  9. (optional) the vocabulary file: a format a person can read;
- 10. (optional) what every command line of the project shares: reading text strictly, writing
-     files atomically, flag checks, errors in one line;
- 11. (optional) the command line.
+  8. (optional) the vocabulary file: a format a person can read;
+  9. (optional) what every command line of the suite shares: one-line errors, flag checks,
+     reading text strictly, writing files atomically;
+ 10. (optional) the command line.
 
 You need: Python. Nothing of ours comes before this (gpt.py's vocab_size is what this file
 decides). Imports: the standard library, `regex` (for \\p{L} and possessive quantifiers) and
@@ -41,11 +39,6 @@ from itertools import chain
 
 import regex
 import tiktoken
-
-
-class InputError(ValueError):
-    """A problem with what the user gave us — a file, a flag, a folder, the network — as one line
-    that names the fix. Every command line of the project prints it as `error: ...` and exits 1."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,8 +80,7 @@ GPT2_SPLIT_PATTERN = (
 #   \s+(?!\S) and \s            as in GPT-2
 # Chinese: "我们今天去北京，天气很好。" becomes "我们今天去北京" / "，天气很好" / "。": a whole run of
 # Han characters is ONE piece (with the comma in front of it), because nothing in a Han run is a
-# space or punctuation. A Chinese sentence can be one piece of hundreds of bytes — which is why
-# the fast encoder (section 8) must not be quadratic in the piece length.
+# space or punctuation. A Chinese sentence can be one piece of hundreds of bytes.
 GPT4_SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
     r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
@@ -129,8 +121,9 @@ def merge_piece(piece, ranks):
     """The merge rule, written out: bytes of one piece → its token ids.
 
     `parts` are the current tokens; `pair_ranks[i]` is the rank of parts[i] + parts[i+1] (or
-    `missing` if that is not a token). Each merge costs O(n), so a piece costs O(n²) — but min()
-    and list.index() scan in C, so for the short pieces of ordinary text nothing is faster.
+    `missing` if that is not a token). Each merge costs O(n), so a piece costs O(n²): quick for
+    the short pieces of ordinary text, slow for a Han run of thousands of characters — which is
+    one reason the other lessons encode with tiktoken over the same ranks.
     """
     missing = 1 << 62                                            # larger than any rank
     parts = [piece[i:i + 1] for i in range(len(piece))]
@@ -242,9 +235,6 @@ def train_naive(piece_counts, num_merges):
 # 4. The tokenizer
 # ----------------------------------------------------------------------------------------------
 
-FILE_FORMAT = "bpe-tokenizer-1"                                  # the header line of saved files
-
-
 class BPETokenizer:
     """A byte-level BPE tokenizer: `ranks` (token bytes -> id), a split pattern, special tokens.
 
@@ -252,11 +242,9 @@ class BPETokenizer:
     produce; they live outside `ranks`. tiktoken's semantics: `encode` refuses text that spells a
     special token unless you allow it (a document could otherwise forge an end-of-text), and
     `encode_ordinary` treats such text as plain characters.
-    fast=True encodes through section 8's FastPieceEncoder; fast=False by the plain rule above.
-    Both give the same ids (a test checks); only the time differs.
     """
 
-    def __init__(self, ranks, pattern, special_tokens=None, name="bpe", fast=True):
+    def __init__(self, ranks, pattern, special_tokens=None, name="bpe"):
         self.ranks = dict(ranks)
         self.pattern = pattern
         self.special_tokens = dict(special_tokens or {})
@@ -264,16 +252,16 @@ class BPETokenizer:
         self.split = regex.compile(pattern)
         self.decoder = {i: t for t, i in self.ranks.items()}     # id -> bytes
         self.decoder.update({i: s.encode("utf-8") for s, i in self.special_tokens.items()})
-        if len(self.decoder) != len(self.ranks) + len(self.special_tokens):
-            raise ValueError("token ids must be unique across ranks and special tokens")
         self.n_vocab = max(self.decoder) + 1                      # what an embedding table needs
-        self.fast = FastPieceEncoder(self.ranks) if fast else None
+
+    def __eq__(self, other):
+        """Two tokenizers are the same when they encode alike; the name is only a label."""
+        return isinstance(other, BPETokenizer) and (self.ranks, self.pattern, self.special_tokens) == (
+            other.ranks, other.pattern, other.special_tokens)
 
     @property
     def eot_token(self):
         """Id of <|endoftext|>, the document separator."""
-        if ENDOFTEXT not in self.special_tokens:
-            raise KeyError(f"tokenizer {self.name!r} has no {ENDOFTEXT} special token")
         return self.special_tokens[ENDOFTEXT]
 
     @classmethod
@@ -283,8 +271,6 @@ class BPETokenizer:
         Works offline when TIKTOKEN_CACHE_DIR holds the downloaded files.
         """
         from tiktoken_ext import openai_public
-        if name not in openai_public.ENCODING_CONSTRUCTORS:
-            raise ValueError(f"unknown tiktoken encoding {name!r}; known: {', '.join(openai_public.ENCODING_CONSTRUCTORS)}")
         spec = openai_public.ENCODING_CONSTRUCTORS[name]()
         return cls(spec["mergeable_ranks"], spec["pat_str"], spec["special_tokens"], name=name)
 
@@ -298,24 +284,16 @@ class BPETokenizer:
         default just <|endoftext|>, which therefore gets id vocab_size − 1. `progress`, if given,
         is called after each merge as progress(step, total, token_bytes, count).
         """
-        # train_fast (section 7) makes the same merges as train_naive, thousands of times sooner
         specials = [ENDOFTEXT] if special_tokens is None else list(special_tokens)
-        if vocab_size < 256 + len(specials):
-            raise ValueError(f"vocab_size must be at least {256 + len(specials)} (256 byte tokens "
-                             f"+ {len(specials)} special tokens), got {vocab_size}")
+        assert vocab_size >= 256 + len(specials), "vocab_size must hold the 256 bytes and the specials"
         piece_counts = count_pieces(text, pattern, specials)
+        # train_fast (section 7) makes the same merges as train_naive, thousands of times sooner
         _, vocab = train_fast(piece_counts, vocab_size - 256 - len(specials), progress)
         ranks = {token: i for i, token in enumerate(vocab)}
         special_ids = {s: len(vocab) + k for k, s in enumerate(specials)}
         return cls(ranks, pattern, special_ids, name=name)
 
     # -- encoding -------------------------------------------------------------------------------
-
-    def encode_piece(self, piece):
-        """Token ids of one piece (str)."""
-        if self.fast is not None:
-            return self.fast.encode_piece(piece)
-        return encode_piece(piece.encode("utf-8"), self.ranks)
 
     def encode_ordinary(self, text):
         """Ids of `text`: split it into pieces, encode each; special-token text is plain text."""
@@ -324,7 +302,7 @@ class BPETokenizer:
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids = []
         for piece in self.split.findall(text):
-            ids += self.encode_piece(piece)
+            ids += encode_piece(piece.encode("utf-8"), self.ranks)
         return ids
 
     def special_regex(self, tokens):
@@ -347,9 +325,10 @@ class BPETokenizer:
         if disallowed:
             found = self.special_regex(disallowed).search(text)
             if found:
-                raise ValueError(f"text contains the special token {found.group()!r}, which is disallowed: "
-                                 f"pass allowed_special={{{found.group()!r}}} (or 'all') to encode it as "
-                                 f"that token, or disallowed_special=() to encode it as plain text")
+                raise ValueError(f"text contains the special token {found.group()!r}, which is "
+                                 f"disallowed: pass allowed_special={{{found.group()!r}}} (or 'all') "
+                                 f"to encode it as that token, or disallowed_special=() to encode it "
+                                 f"as plain text")
         if not allowed:
             return self.encode_ordinary(text)
         ids = []
@@ -365,11 +344,7 @@ class BPETokenizer:
 
     def decode_bytes(self, ids):
         """The bytes the ids stand for, concatenated."""
-        try:
-            return b"".join([self.decoder[i] for i in ids])
-        except KeyError as e:
-            raise ValueError(f"token id {e.args[0]} is not in {self.name!r} "
-                             f"(ids are below {self.n_vocab})") from None
+        return b"".join(self.decoder[i] for i in ids)
 
     def decode(self, ids, errors="replace"):
         """The text the ids stand for. A token may hold part of a UTF-8 character (GPT-2 spends
@@ -377,10 +352,10 @@ class BPETokenizer:
         errors="replace" shows that as U+FFFD instead of failing."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
-    # -- saving (the file format itself is section 9) -------------------------------------------
+    # -- keeping it: a file (the format is section 8), or plain data for a checkpoint -----------
 
     def save(self, path):
-        """Write the vocabulary as a plain-text file a person can read (section 9)."""
+        """Write the vocabulary as a plain-text file a person can read."""
         write_tokenizer_file(self, path)
 
     @classmethod
@@ -391,12 +366,9 @@ class BPETokenizer:
     def to_dict(self):
         """Plain Python types only (str, int, list, dict), so a checkpoint holding it loads with
         torch.load(weights_only=True). Tokens are hex strings, listed in id order."""
-        tokens = sorted(self.ranks.items(), key=lambda item: item[1])
-        if [i for _, i in tokens] != list(range(len(tokens))):
-            raise ValueError("to_dict needs ranks with ids 0..len(ranks)-1")
-        return {"format": FILE_FORMAT, "name": self.name, "pattern": self.pattern,
-                "special_tokens": dict(self.special_tokens),
-                "tokens": [token.hex() for token, _ in tokens]}
+        tokens = sorted(self.ranks, key=self.ranks.get)
+        return {"name": self.name, "pattern": self.pattern, "special_tokens": dict(self.special_tokens),
+                "tokens": [token.hex() for token in tokens]}
 
     @classmethod
     def from_dict(cls, d):
@@ -406,14 +378,23 @@ class BPETokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The fast encoder, a tokenizer's identity, and decoding a stream
+# 5. The encoder the other lessons run, a tokenizer's identity, and decoding a stream
 # ----------------------------------------------------------------------------------------------
 # The other lessons never encode with BPETokenizer: tiktoken applies the same split pattern and
-# the same lowest-rank rule in Rust, on many threads, about 3× faster than even section 8. So a
-# "tokenizer" there is one of two things: the name of an OpenAI vocabulary, or a BPETokenizer of
-# ours; get_tokenizer turns either into a tiktoken.Encoding with identical ids.
+# the same lowest-rank rule in Rust, several times faster than the plain loop on one core, and
+# on every core at once.
+# So a "tokenizer" there is one of two things: the name of an OpenAI vocabulary, or a
+# BPETokenizer of ours; get_tokenizer turns either into a tiktoken.Encoding with identical ids
+# (the tests check them token for token). Users name tokenizers on command lines, so this is
+# where the lesson first meets a mistake of theirs: an InputError, which every command line
+# prints as one line that names the fix, never as a traceback.
 
 TIKTOKEN_NAMES = ("gpt2", "cl100k_base")                         # OpenAI vocabularies we use by name
+
+
+class InputError(ValueError):
+    """A mistake in what the user gave us — a file, a flag, a folder, the network — said in one
+    line that names the fix."""
 
 
 def load_tokenizer(spec):
@@ -440,8 +421,7 @@ def get_tokenizer(tokenizer):
         return tiktoken.get_encoding(tokenizer)
     except Exception as e:                   # tiktoken downloads its files on first use
         raise InputError(f"cannot load tiktoken's {tokenizer} vocabulary ({type(e).__name__}) — "
-                         f"offline, set TIKTOKEN_CACHE_DIR to a folder holding its files "
-                         f"(e.g. ../shared/tiktoken_cache)") from None
+                         f"offline, set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
 
 
 # A checkpoint must say which tokenizer its ids belong to: the same ids under another vocabulary
@@ -458,11 +438,7 @@ def tokenizer_entry(tokenizer):
 
 def tokenizer_from_entry(entry):
     """Read side: a checkpoint's tokenizer entry → the tokenizer (name or BPETokenizer)."""
-    if isinstance(entry, dict) and "tokens" in entry:
-        return BPETokenizer.from_dict(entry)
-    if not isinstance(entry, dict) or entry.get("name") not in TIKTOKEN_NAMES:
-        raise InputError(f"the checkpoint's tokenizer entry is not one this project writes: {str(entry)[:60]}")
-    return entry["name"]
+    return BPETokenizer.from_dict(entry) if "tokens" in entry else entry["name"]
 
 
 # Decoding one token at a time. A token is a run of *bytes*, and merges follow byte-pair
@@ -643,152 +619,106 @@ def train_fast(piece_counts, num_merges, progress=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. (optional) Encoding fast
+# 8. (optional) What every command line of the suite shares
 # ----------------------------------------------------------------------------------------------
-# What it adds: the ids of section 2's rule, 2–10× sooner — a cache of pieces already seen, a
-# heap for long pieces (O(n log n) instead of O(n²)), and long Han runs cut where no token
-# crosses so that their short segments can be cached. Measured with cl100k's ranks on 1 MB
-# (`python bench.py bpe`): English 7.3 MB/s (plain rule with the cache: 7.5), Chinese Wikipedia
-# 4.4 MB/s (1.4 without these speed-ups; tiktoken in Rust: 17).
+# What it adds: bpe.py, data.py, train.py and sample.py check flags, read text, write files and
+# report a mistake (an InputError) the same way — one line naming the fix, never a traceback, and
+# never a file left half-written — so each of those rules lives here, once.
 
-class FastPieceEncoder:
-    """encode_piece(piece: str) → the same ids as encode_piece(piece bytes, ranks), faster."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a wrong flag said in one line (not the whole usage), exit 2, and with no
+    abbreviations: --init would otherwise mean --init_from."""
 
-    SHORT_PIECE = 24                         # bytes: shorter pieces take the plain loop (measured)
-    CACHE_SIZE = 1 << 16                     # pieces remembered; cleared when full (cheap, rare)
-    CACHE_MAX_PIECE = 256                    # characters; longer pieces rarely repeat
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
-    def __init__(self, ranks):
-        self.ranks = ranks
-        self.pieces = {}                     # piece -> ids
-        self.segments = {}                   # closed segment -> ids
-        self.sides = {}                      # character -> boundary_sides(character)
-        self.right_of = None                 # spanning_pairs(ranks), on the first non-ASCII piece
-
-    def remember(self, cache, text, ids):
-        if len(text) <= self.CACHE_MAX_PIECE:
-            if len(cache) >= self.CACHE_SIZE:
-                cache.clear()
-            cache[text] = ids
-
-    def encode_piece(self, piece):
-        ids = self.pieces.get(piece)
-        if ids is None:
-            ids = self.encode_new_piece(piece)
-            self.remember(self.pieces, piece, ids)
-        return ids
-
-    def encode_new_piece(self, piece):
-        """A piece not in the cache: whole token, else merge each closed segment on its own."""
-        data = piece.encode("utf-8")
-        rank = self.ranks.get(data)
-        if rank is not None:
-            return [rank]
-        if piece.isascii():
-            return self.merge(data)
-        ids = []
-        for segment in self.closed_segments(piece):
-            segment_ids = self.segments.get(segment)
-            if segment_ids is None:
-                segment_ids = self.merge(segment.encode("utf-8"))
-                self.remember(self.segments, segment, segment_ids)
-            ids += segment_ids
-        return ids
-
-    def merge(self, data):
-        if len(data) <= self.SHORT_PIECE:
-            return merge_piece(data, self.ranks)
-        return merge_piece_heap(data, self.ranks)
-
-    # Cutting a piece where no merge can ever cross. A merge only creates tokens, so if no token
-    # of the vocabulary spans the boundary between two characters of a piece, no part ever will,
-    # and the rank rule gives the same result on the two halves separately (merges on either side
-    # never touch each other; on a tie the two candidates are the same bytes). For Chinese this
-    # is the common case: cl100k has a token for "一个" but none for most pairs of Han characters,
-    # so a 30-character run splits into short segments like "北京" that repeat and can be cached.
-    # Which tokens span the boundary between characters X and Y? Look inside each token at its own
-    # character boundaries: on the left is X whole, or a tail of X if the token *starts* mid-
-    # character; on the right Y whole, or a head of Y if the token *ends* mid-character (cl100k has
-    # " \xe5": a space and the first byte of many Han characters).
-
-    def closed_segments(self, piece):
-        """Cut `piece` (str) at every character boundary that no token of the vocabulary spans."""
-        if self.right_of is None:
-            self.right_of = spanning_pairs(self.ranks)
-        for char in piece:
-            if char not in self.sides:
-                self.sides[char] = boundary_sides(char, self.right_of)
-        sides = [self.sides[char] for char in piece]
-        # for most Han characters the first set is empty: nothing follows them inside a token
-        cuts = [k for k in range(1, len(piece)) if sides[k - 1][0].isdisjoint(sides[k][1])]
-        bounds = [0] + cuts + [len(piece)]
-        return [piece[i:j] for i, j in zip(bounds, bounds[1:])]
+    def error(self, message):
+        print(f"error: {message} (see: python {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
-def spanning_pairs(ranks):
-    """{left: {right, ...}} over every character boundary inside every token (bytes)."""
-    right_of = defaultdict(set)
-    for token in ranks:
-        starts = [p for p, byte in enumerate(token) if not 0x80 <= byte < 0xC0]
-        ends = starts[1:] + [len(token)]
-        for k, p in enumerate(starts):
-            if p > 0:                                            # a boundary inside the token
-                right_of[token[starts[k - 1] if k else 0:p]].add(token[p:ends[k]])
-    return dict(right_of)
+def number_flag(kind, rule, ok):
+    """An argparse `type=`: text → a number of `kind` for which ok(number) holds, else an error
+    naming `rule`. NaN fails every comparison, so it is refused too."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text}")
+        return value
+    return parse
 
 
-def boundary_sides(char, right_of):
-    """(right sides some token puts after `char` or after a tail of it, `char`'s heads).
-
-    A boundary x|y is spanned exactly when the first set of x meets the second set of y.
-    """
-    b = char.encode("utf-8")
-    rights = set()
-    for k in range(1, len(b) + 1):
-        rights |= right_of.get(b[-k:], set())
-    heads = tuple(b[:k] for k in range(1, len(b) + 1))
-    return frozenset(rights), heads
+VOCAB_SIZE_FLAG = number_flag(int, "≥ 257 (256 byte tokens + <|endoftext|>)", lambda n: n >= 257)
+MAX_MB_FLAG = number_flag(float, "> 0", lambda mb: mb > 0)
 
 
-def merge_piece_heap(piece, ranks):
-    """merge_piece in O(n log n): a heap of candidate pairs over a linked list of parts.
+def folder_flag(text):
+    """An argparse `type=` for a folder: an empty one (an unset shell variable, as a rule) is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset shell variable?) — give a folder")
+    return text
 
-    Part boundaries are byte offsets: the part starting at s ends at nxt[s] (n = end of piece),
-    prv[s] is the start of the part before it, and nxt[s] = −1 marks a start swallowed by a
-    merge. The heap holds (rank, start) for pairs; entries are never removed, only found stale
-    when popped: a pair whose start is dead, or whose bytes changed (its rank no longer matches).
-    Popping (rank, start) in heap order gives the lowest rank and, on ties, the leftmost start:
-    exactly merge_piece's choice.
-    """
-    n = len(piece)
-    nxt = list(range(1, n + 1))
-    prv = list(range(-1, n - 1))
-    heap = [(r, i) for i in range(n - 1) if (r := ranks.get(piece[i:i + 2])) is not None]
-    heapq.heapify(heap)
-    while heap:
-        rank, s = heapq.heappop(heap)
-        e = nxt[s]                                               # start of the right-hand part
-        if e < 0 or e >= n:
-            continue                                             # s was swallowed, or is last
-        f = nxt[e]                                               # end of the pair
-        if ranks.get(piece[s:f]) != rank:
-            continue                                             # stale: the pair at s changed
-        nxt[s], nxt[e] = f, -1                                   # [s, e) + [e, f) -> [s, f)
-        if f < n:
-            prv[f] = s
-            r = ranks.get(piece[s:nxt[f]])
-            if r is not None:
-                heapq.heappush(heap, (r, s))
-        p = prv[s]
-        if p >= 0:
-            r = ranks.get(piece[p:f])
-            if r is not None:
-                heapq.heappush(heap, (r, p))
-    ids, s = [], 0
-    while s < n:
-        ids.append(ranks[piece[s:nxt[s]]])
-        s = nxt[s]
-    return ids
+
+def run_command(main, argv=None):
+    """main(argv) → an exit code: an InputError is one line `error: ...` and 1; Ctrl-C is 130;
+    a closed pipe (`... | head`) ends quietly, stdout pointed at /dev/null for Python's last flush."""
+    try:
+        return main(argv) or 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def read_text(path, max_mb=None):
+    """A UTF-8 file's text, strictly (a bad byte is an error naming iconv), without the U+FEFF
+    that Windows editors put first; max_mb reads only the first max_mb·10⁶ bytes."""
+    if not pathlib.Path(path).is_file():
+        raise InputError(f"no file at {path} — pass the path of a UTF-8 text file")
+    with open(path, "rb") as f:
+        data = f.read(-1 if max_mb is None else int(max_mb * 1e6))
+    try:   # incremental: a last character cut by max_mb is held back; any other bad byte fails
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=max_mb is None)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}) — convert "
+                         f"it: iconv -f GB18030 -t UTF-8 {path} > {pathlib.Path(path).stem}.utf8.txt") from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise InputError(f"{path} holds no text{' in its first --max_mb' if max_mb else ''}")
+    return text
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name beside `path` (holding the process id, so no two processes share it),
+    os.replace'd onto `path` when the block succeeds — atomic: `path` is the old file or the
+    whole new one, never half — and removed when it fails."""
+    temp = pathlib.Path(path).with_name(f".{pathlib.Path(path).name}.{os.getpid()}.tmp")
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def make_writable_folder(folder, flag):
+    """mkdir -p `folder` and prove it writable before any long work (a folder can refuse writes,
+    and a path on the way can be a file); the error names the flag to change."""
+    probe = pathlib.Path(folder) / f".write_test.{os.getpid()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to {folder} ({e.strerror}) — choose another {flag}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -796,7 +726,10 @@ def merge_piece_heap(piece, ranks):
 # ----------------------------------------------------------------------------------------------
 # What it adds: a vocabulary saved as text a person can read and check — a header, then one token
 # per line as `id <tab> bytes in hex <tab> the bytes shown as a Python string` (only id and hex
-# are read back). data.py keeps each trained BPE next to its token files in this form.
+# are read back). data.py keeps each BPE next to the token files it wrote, in this form.
+
+FILE_FORMAT = "bpe-tokenizer-1"                                  # the header line of saved files
+
 
 def readable(token):
     """Token bytes for human eyes: text where they are whole characters, \\xNN for the rest
@@ -818,13 +751,12 @@ def write_tokenizer_file(tokenizer, path):
     ]
     for token, i in sorted(tokenizer.ranks.items(), key=lambda item: item[1]):
         lines.append(f"{i}\t{token.hex()}\t{readable(token)}")
-    write_text_atomically(path, "\n".join(lines) + "\n")
+    with atomic_path(path) as temp:
+        temp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def read_tokenizer_file(path, cls):
     """BPETokenizer.load: parse what write_tokenizer_file wrote; anything else is an InputError."""
-    not_ours = (f"{path} is not a tokenizer file written by bpe.py — make one with: "
-                f"python bpe.py train FILE --vocab_size 4096 --out PATH")
     try:
         header_text, sep, body = pathlib.Path(path).read_text(encoding="utf-8").partition("\n---\n")
         header = dict(line.split(": ", 1) for line in header_text.splitlines()
@@ -833,152 +765,17 @@ def read_tokenizer_file(path, cls):
         for line in body.splitlines():
             i, hex_bytes, _ = line.split("\t", 2)
             ranks[bytes.fromhex(hex_bytes)] = int(i)
-        ok = sep and header.get("format") == FILE_FORMAT and len(ranks) == int(header["tokens"])
-        if ok:
+        if sep and header.get("format") == FILE_FORMAT and len(ranks) == int(header["tokens"]):
             return cls(ranks, json.loads(header["pattern"]), json.loads(header["special_tokens"]),
                        name=json.loads(header["name"]))
     except (OSError, UnicodeDecodeError, ValueError, KeyError):
         pass                                                     # unreadable, or not ours
-    raise InputError(not_ours)
+    raise InputError(f"{path} is not a tokenizer file written by bpe.py — make one with: "
+                     f"python bpe.py train FILE --vocab_size 4096 --out PATH")
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. (optional) What every command line shares
-# ----------------------------------------------------------------------------------------------
-# What it adds: the project's four command lines (bpe.py, data.py, train.py, sample.py) read text,
-# write files, check flags and report errors the same way, so each rule lives here once.
-
-def read_text(path, max_mb=None):
-    """The text of a UTF-8 file, strictly: a byte that is not UTF-8 is an InputError naming iconv;
-    a byte-order mark (U+FEFF, which Windows editors put first) is dropped; blank text is an
-    error. max_mb reads only the first max_mb·10⁶ bytes, cut back to a character boundary."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise InputError(f"no file at {path} — pass the path of a UTF-8 text file")
-    with open(path, "rb") as f:
-        data = f.read() if max_mb is None else f.read(int(max_mb * 1e6))
-    if max_mb is not None:
-        data = data[:utf8_boundary(data)]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}) — "
-                         f"convert it first, e.g. iconv -f GB18030 -t UTF-8 {path} > {path.stem}.utf8.txt") from None
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        if max_mb is not None and path.stat().st_size > len(data):
-            raise InputError(f"the first {max_mb} MB of {path} hold no text — raise --max_mb")
-        raise InputError(f"{path} holds no text{' (only whitespace)' if text else ''} — put some text in it")
-    return text
-
-
-def utf8_boundary(data):
-    """The largest n ≤ len(data) such that data[:n] does not end inside a multi-byte character."""
-    n = len(data)
-    for back in range(1, min(4, n) + 1):                         # a character is at most 4 bytes
-        byte = data[n - back]
-        if byte < 0x80:
-            return n                                             # ASCII: a whole character
-        if byte >= 0xC0:                                         # the lead byte of a character:
-            length = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4   # 110xxxxx, 1110xxxx, 11110xxx
-            return n if back >= length else n - back             # complete, or cut off before it
-    return n                                                     # not UTF-8: let decode() say so
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary name next to `path`; if the block succeeds, rename it onto `path`.
-
-    os.replace is atomic on one file system, so `path` is always either the old file or the whole
-    new one — never half a file, whatever kills the process. The temporary name holds the process
-    id, so two processes never write the same one, and it is removed if the block fails.
-    """
-    path = pathlib.Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield temp
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def make_writable_folder(folder, flag):
-    """mkdir -p `folder` and prove it writable with a probe file — before any long work, since a
-    folder can exist and refuse writes, and a path on the way can be a file. An InputError names
-    the flag to change."""
-    folder = pathlib.Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"cannot write to {folder} ({e.strerror}) — choose another {flag}") from None
-
-
-def write_text_atomically(path, text):
-    """Write `text` (UTF-8) to `path` through atomic_path, creating its folder."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temp:
-        temp.write_text(text, encoding="utf-8")
-
-
-def number_flag(kind, low=None, high=None, low_open=False, high_open=False, why=""):
-    """An argparse `type` that accepts a number of `kind` (int or float) in a range and refuses
-    the rest with the rule: number_flag(float, 0, 1, high_open=True) means 0 ≤ x < 1."""
-    def check(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or value != value:                # value != value: NaN
-            rule = " and ".join(r for r in (
-                f"> {low}" if low_open else f"≥ {low}" if low is not None else "",
-                f"< {high}" if high_open else f"≤ {high}" if high is not None else "") if r)
-            raise argparse.ArgumentTypeError(f"must be {rule}{why}, not {text}")
-        return value
-    return check
-
-
-VOCAB_SIZE_FLAG = number_flag(int, 257, why=" (256 byte tokens + <|endoftext|>)")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a wrong flag is one line — `error: ... (see: python X.py --help)` — exit 2 —
-    and no abbreviations: --init would otherwise mean --init_from, and a printed command that
-    shortens a flag could not be edited reliably."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        print(f"error: {message} (see: python {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_command(main, argv=None):
-    """Run a command line's main(argv) and turn what can go wrong into an exit code: an InputError
-    is one line `error: ...` and 1; Ctrl-C is 130; a closed pipe (`... | head`) ends quietly."""
-    try:
-        return main(argv) or 0
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # The reader went away. Point stdout at /dev/null so that Python's own flush at exit
-        # does not raise a second BrokenPipeError, and leave without a word.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-
-
-# ----------------------------------------------------------------------------------------------
-# 11. (optional) Command line
+# 10. (optional) Command line
 # ----------------------------------------------------------------------------------------------
 # What it adds: `python bpe.py train` learns a vocabulary from a file and saves it; `python bpe.py
 # report` prints the table of section 6 for gpt2, cl100k_base and your vocabularies.
@@ -1026,14 +823,14 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="where to write the vocabulary (plain text)")
     p.add_argument("--pattern", choices=["gpt4", "gpt2"], default="gpt4",
                    help="split pattern: gpt4 (cl100k, default) or gpt2")
-    p.add_argument("--max_mb", type=number_flag(float, 0, low_open=True), default=None,
+    p.add_argument("--max_mb", type=MAX_MB_FLAG,
                    help="use only the first N MB")
     p.set_defaults(run=train_command)
     p = sub.add_parser("report", help="markdown table of token counts for gpt2, cl100k_base "
                                       "and your vocabularies")
     p.add_argument("file", help="UTF-8 text to measure")
     p.add_argument("--vocab", action="append", help="a vocabulary file from `train` (repeatable)")
-    p.add_argument("--max_mb", type=number_flag(float, 0, low_open=True), default=None,
+    p.add_argument("--max_mb", type=MAX_MB_FLAG,
                    help="use only the first N MB")
     p.set_defaults(run=report_command)
     args = parser.parse_args(argv)

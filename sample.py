@@ -203,40 +203,45 @@ def score_text(model, enc, text, stride=None):
 # command; the checkpoint decides both, so they only have to agree with it.
 
 def parse_args(argv=None):
-    p = bpe.ArgumentParser(prog="sample.py", description="Generate text with, or score text against, a trained GPT.")
-    p.add_argument("--checkpoint", default=None,
-                   help="checkpoint file (default: the newest checkpoints/*/best_model.pt)")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
-    p.add_argument("--num_samples", type=bpe.number_flag(int, 1), default=1, help="how many samples to draw")
-    p.add_argument("--max_new_tokens", type=bpe.number_flag(int, 0), default=200, help="tokens to generate per sample")
-    p.add_argument("--temperature", type=bpe.number_flag(float, 0), default=0.8,
-                   help="<1 sharper, >1 more random, 0 = greedy (always the most likely token)")
-    p.add_argument("--top_k", type=bpe.number_flag(int, 1), default=None, help="sample only from the k most likely tokens")
-    p.add_argument("--top_p", type=bpe.number_flag(float, 0, 1, low_open=True), default=None,
-                   help="nucleus sampling: the smallest set of tokens with total probability ≥ p")
-    p.add_argument("--seed", type=int, default=1337, help="random seed: the same seed, the same text")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--no_stream", action="store_true", help="print each sample when it is complete")
-    p.add_argument("--no_cache", action="store_true",
-                   help="recompute the whole context for every token (slow; for comparison)")
-    p.add_argument("--interactive", action="store_true", help="a prompt loop (Ctrl-D or 'exit' to leave)")
-    p.add_argument("--score", metavar="FILE", default=None,
-                   help="print the loss on FILE (nats/token, perplexity, bits per byte) and exit")
-    p.add_argument("--tokenizer", default=None,
-                   help="accepted for compatibility with LLM Learning's generate command; must match the checkpoint")
-    p.add_argument("--model_type", default=None,
-                   help="accepted for compatibility with LLM Learning's generate command; must match the checkpoint")
+    p = bpe.ArgumentParser(prog="sample.py", description="Generate text with, or score text against, "
+                                                         "a trained GPT.")
+    count = bpe.number_flag(int, "≥ 1", lambda n: n >= 1)
+    a = p.add_argument
+    a("--checkpoint", default=None, help="checkpoint file (default: the newest checkpoints/*/best_model.pt)")
+    a("--prompt", default="", help="text to continue (empty: start a new document)")
+    a("--num_samples", type=count, default=1, help="how many samples to draw")
+    a("--max_new_tokens", type=bpe.number_flag(int, "≥ 0", lambda n: n >= 0), default=200,
+      help="tokens to generate per sample")
+    a("--temperature", type=bpe.number_flag(float, "≥ 0", lambda t: t >= 0), default=0.8,
+      help="<1 sharper, >1 more random, 0 = greedy (always the most likely token)")
+    a("--top_k", type=count, default=None, help="sample only from the k most likely tokens")
+    a("--top_p", type=bpe.number_flag(float, "in (0, 1]", lambda p: 0 < p <= 1), default=None,
+      help="nucleus sampling: the smallest set of tokens with total probability ≥ p")
+    a("--seed", type=int, default=1337, help="random seed: the same seed, the same text")
+    a("--device", type=train.device_flag, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, "
+                                                              "cuda:1, mps")
+    a("--no_stream", action="store_true", help="print each sample when it is complete")
+    a("--no_cache", action="store_true", help="recompute the whole context for every token (slow; to compare)")
+    a("--interactive", action="store_true", help="a prompt loop (Ctrl-D or 'exit' to leave)")
+    a("--score", metavar="FILE", default=None,
+      help="print the loss on FILE (nats/token, perplexity, bits per byte) and exit")
+    a("--tokenizer", default=None, help="accepted for compatibility with LLM Learning's generate command; "
+                                        "must match the checkpoint")
+    a("--model_type", default=None, help="accepted for compatibility with LLM Learning's generate command; "
+                                         "must match the checkpoint")
     return p.parse_args(argv)
 
 
 def check_flags_agree(ckpt, tokenizer=None, model_type=None):
     """--tokenizer and --model_type must name what the checkpoint holds: a model can only be read
-    with the vocabulary it was trained on, and its shape is in the file."""
-    held = train.checkpoint_flags(ckpt)
-    for flag, given, names in (("--tokenizer", tokenizer, {held["tokenizer"], held["tokenizer_kind"]}),
-                               ("--model_type", model_type, {held["model_type"]})):
-        if given is not None and given not in names:
-            what = " / ".join(sorted(str(n) for n in names if n)) or "a custom-sized model"
+    with the vocabulary it was trained on, and its shape is in the file. --tokenizer may name the
+    run's own --tokenizer value, or the kind of vocabulary ("bpe" for ours)."""
+    entry, settings = ckpt["tokenizer"], ckpt.get("train_args") or {}
+    held = {"--tokenizer": {"bpe" if "tokens" in entry else entry["name"], settings.get("tokenizer")},
+            "--model_type": {settings.get("model_type")}}
+    for flag, given in (("--tokenizer", tokenizer), ("--model_type", model_type)):
+        if given is not None and given not in held[flag]:
+            what = " / ".join(sorted(str(name) for name in held[flag] if name))
             raise InputError(f"{flag} {given} does not match the checkpoint, which holds {what} — "
                              f"leave the flag out: the checkpoint carries its own")
 

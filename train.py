@@ -1,30 +1,33 @@
 """Lesson 5 — training: the whole loop in plain code.
 
 What you will learn here, numbered as the section banners:
-  1. device and precision: CUDA / MPS / CPU, bfloat16 or float16 autocast, and why float16 needs
+  1. the settings of a run, each with its default, and the defaults each model size trains with;
+  2. device and precision: CUDA / MPS / CPU, bfloat16 or float16 autocast, and why float16 needs
      a GradScaler while bfloat16 does not;
-  2. the optimizer (AdamW, weight decay only on matrices) and the learning-rate schedule (linear
+  3. the optimizer (AdamW, weight decay only on matrices) and the learning-rate schedule (linear
      warm-up, then cosine decay);
-  3. one optimisation step: gradient accumulation over micro-batches, unscaling, clipping;
-  4. evaluation in nats/token, perplexity and bits per byte (comparable across tokenizers);
-  5. the checkpoint: one function builds it and says who reads each key; reading one back safely;
-  6. the run: setting it up (fresh, resumed exactly, or started from another model's weights),
-     the loop itself — a visible `while`, no trainer class — and evaluating and saving.
+  4. one optimisation step: gradient accumulation over micro-batches, unscaling, clipping;
+  5. evaluation in nats/token, perplexity and bits per byte (comparable across tokenizers);
+  6. the checkpoint: one function builds it and says who reads each key; putting it back so a
+     resumed run goes on exactly as if it had never stopped;
+  7. the run: setting it up (fresh, resumed, or started from another model's weights), the loop
+     itself — a visible `while`, no trainer class — and evaluating and saving.
 Optional sections, for a second reading:
-  7. (optional) progress: log lines with tokens/s and MFU, log.jsonl, loss.svg, and a sample of
+  8. (optional) progress: log lines with tokens/s and MFU, log.jsonl, loss.svg, and a sample of
      the model's writing while it trains (--sample_every);
-  8. (optional) the run folder: one run at a time (a lock), checked before any work, a log that
+  9. (optional) the run folder: one run at a time (a lock), checked before any work, a log that
      rewinds on resume, and clean stops on Ctrl-C / SIGTERM;
-  9. (optional) several processes: DDP under torchrun, on one machine or several;
- 10. (optional) the command line: every knob, with a default that works on a CPU.
+ 10. (optional) several processes: DDP under torchrun, on one machine or several;
+ 11. (optional) the command line: a flag for every setting, and what --resume and --init_from
+     take from a checkpoint.
 
 You need: gpt.py (the model), bpe.py (tokenizers, decode_stream), data.py (prepare, token files
 and batches).
 Next lesson: sample.py turns the checkpoint this file writes back into text.
 
     python train.py --model_type gpt-micro --dataset chinese --max_iters 2000
-    python train.py --model_type gpt-micro --dataset chinese --max_iters 4000 --resume
-    python train.py --init_from checkpoints/gpt-micro/best_model.pt --dataset my_notes.txt --out_dir checkpoints/notes
+    python train.py --resume --out_dir checkpoints/gpt-micro --max_iters 4000
+    python train.py --init_from checkpoints/gpt-micro/best_model.pt --dataset notes.txt --out_dir checkpoints/notes
     torchrun --nproc_per_node 2 train.py --model_type gpt-mini --dataset chinese
 """
 import argparse
@@ -36,7 +39,6 @@ import math
 import os
 import pathlib
 import random
-import shlex
 import signal
 import socket
 import sys
@@ -53,28 +55,92 @@ from gpt import GPT, PRESETS, GPTConfig, strip_wrapper_prefixes
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Device and precision
+# 1. Settings and defaults
+# ----------------------------------------------------------------------------------------------
+# Every setting of a run, with its default; the command line (section 11) has a flag for each,
+# `--name value`, and a checkpoint stores them all, so that --resume goes on with exactly these.
+# A default of None means "the model size's own" (PRESET_DEFAULTS below) or is explained beside it.
+
+@dataclasses.dataclass
+class Settings:
+    # what to train, on what
+    model_type: str = "gpt-micro"           # a size from gpt.PRESETS
+    dataset: str = "chinese"                # built-in name, a path, or NAME for data/raw/NAME/
+    tokenizer: str = data.DEFAULT_TOKENIZER  # "bpe" (ours, trained on the dataset), gpt2, cl100k_base,
+    vocab_size: int = data.DEFAULT_VOCAB_SIZE   # or a saved BPE's path; vocab_size is for "bpe"
+    data_dir: str = "data"                  # raw downloads and token files
+    max_mb: float = None                    # use only this many MB of the text (None: all of it)
+    num_proc: int = None                    # tokenizing threads (None: every core)
+    # the model
+    block_size: int = None                  # context in tokens
+    dropout: float = 0.0                    # 0 for pre-training on plenty of data; 0.1–0.2 on little
+    bias: bool = True                       # biases in Linear layers and LayerNorms (GPT-2 had them)
+    # how long, in what batches, at what learning rate
+    max_iters: int = None                   # optimizer steps; None with epochs: epochs decide
+    epochs: float = None                    # passes over the training tokens
+    batch_size: int = None                  # sequences per micro-batch, per process
+    grad_accum: int = 1                     # micro-batches per optimizer step
+    lr: float = None                        # peak learning rate
+    min_lr: float = None                    # the end of the cosine (None: lr / 10)
+    warmup_iters: int = None                # steps of linear warm-up
+    lr_decay_iters: int = None              # the cosine's length (None: the whole run)
+    weight_decay: float = 0.1               # AdamW's, on matrices only
+    beta2: float = None                     # AdamW's β2
+    grad_clip: float = 1.0                  # clip the gradient norm to this (0: never)
+    # where, and how fast
+    dtype: str = "auto"                     # auto, float32, bfloat16, float16
+    device: str = "auto"                    # auto, cpu, cuda, cuda:N, mps
+    compile: bool = False                   # torch.compile the model (faster on a GPU)
+    # watching it learn
+    eval_interval: int = 250                # evaluate and save every N steps
+    eval_iters: int = 20                    # batches per evaluation
+    log_interval: int = 10                  # a progress line every N steps
+    sample_every: int = 0                   # print a sample at every N-th evaluation (0: never)
+    sample_prompt: str = None               # (None: the validation text's first line)
+    sample_tokens: int = 60
+    # where it goes
+    out_dir: str = None                     # the run folder (None: checkpoints/<model_type>)
+    seed: int = 1337                        # weights, data order, dropout
+
+
+# What each size trains well with. nano/micro/mini are sized for a CPU (a few thousand steps in
+# minutes to an hour); gpt-small and the GPT-2 sizes want a GPU (for GPT-2's ~0.5M tokens a step,
+# add --grad_accum 40 as nanoGPT does). β2 = 0.99 averages the squared gradients over ~100 steps,
+# steadier for the small, noisy batches of a CPU run; big batches take nanoGPT's 0.95.
+PRESET_DEFAULTS = {
+    "gpt-nano":    dict(block_size=64, batch_size=32, lr=2e-3, max_iters=2000, warmup_iters=100, beta2=0.99),
+    "gpt-micro":   dict(block_size=128, batch_size=32, lr=1e-3, max_iters=5000, warmup_iters=100, beta2=0.99),
+    "gpt-mini":    dict(block_size=256, batch_size=32, lr=1e-3, max_iters=5000, warmup_iters=200, beta2=0.99),
+    "gpt-small":   dict(block_size=512, batch_size=16, lr=6e-4, max_iters=20000, warmup_iters=500, beta2=0.99),
+    "gpt2":        dict(block_size=1024, batch_size=12, lr=6e-4, max_iters=600000, warmup_iters=2000, beta2=0.95),
+    "gpt2-medium": dict(block_size=1024, batch_size=12, lr=3e-4, max_iters=600000, warmup_iters=2000, beta2=0.95),
+    "gpt2-large":  dict(block_size=1024, batch_size=8, lr=2.5e-4, max_iters=600000, warmup_iters=2000, beta2=0.95),
+    "gpt2-xl":     dict(block_size=1024, batch_size=4, lr=2e-4, max_iters=600000, warmup_iters=2000, beta2=0.95),
+}
+
+
+def new_settings(**given):
+    """A new run's settings: those given, else the model size's, else Settings' own defaults."""
+    preset = dict(PRESET_DEFAULTS[given.get("model_type", Settings.model_type)])
+    if "epochs" in given:
+        del preset["max_iters"]                  # --epochs sets the length instead
+    settings = Settings(**{**preset, **given})
+    settings.out_dir = settings.out_dir or os.path.join("checkpoints", settings.model_type)
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Device and precision
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name="auto"):
-    """'auto' → an NVIDIA GPU (cuda), then Apple's (mps), then the CPU. An explicit name (cpu,
-    cuda, cuda:1, mps) is checked here, so a typo fails in one line. sample.py uses this too."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name}: not a device — use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise InputError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here "
-                         f"(try --device cpu)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {name}: this torch has no Apple-GPU support (try --device cpu)")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"--device {name}: this project runs on cpu, cuda or mps")
-    return name
+    """'auto' → an NVIDIA GPU (cuda), then Apple's (mps), then the CPU; other names as they are
+    (the command line has checked them: section 11). sample.py uses this too."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def pick_dtype(name, device):
@@ -82,7 +148,7 @@ def pick_dtype(name, device):
 
     bfloat16 keeps float32's 8 exponent bits (same range, fewer digits), so gradients never
     underflow. float16 has only 5 exponent bits: small gradients round to 0, which is why it
-    needs a GradScaler (section 3).
+    needs a GradScaler (section 4).
     """
     if name != "auto":
         return name
@@ -99,10 +165,10 @@ def autocast_context(device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Optimizer and learning-rate schedule
+# 3. Optimizer and learning-rate schedule
 # ----------------------------------------------------------------------------------------------
 
-def make_optimizer(model, args):
+def make_optimizer(model, settings):
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only.
 
     Decay pulls weights towards 0, a regulariser for the matrices that do the work; biases and
@@ -110,35 +176,37 @@ def make_optimizer(model, args):
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # fused=True: one kernel updates every tensor instead of a loop of small ops per tensor.
     # It exists on CUDA, and on CPU from torch 2.4; elsewhere we fall back to the loop.
     try:
-        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=True)
+        return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2), fused=True)
     except (RuntimeError, TypeError):                          # older torch, or MPS
-        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2))
+        return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2))
 
 
-def learning_rate(it, args, total_iters):
+def learning_rate(it, settings, total_iters):
     """Linear warm-up from 0 to lr over warmup_iters, then cosine decay to min_lr.
 
     Warm-up: Adam's moment estimates are noisy for the first steps, and large early updates can
     wreck the fresh model. Cosine: big steps while far from a minimum, small steps to settle into
     it; lr(t) = min_lr + ½(1 + cos(π·t))·(lr − min_lr), t going 0 → 1.
     """
-    if it < args.warmup_iters:
-        return args.lr * (it + 1) / args.warmup_iters
-    decay_iters = args.lr_decay_iters or total_iters
+    lr, warmup = settings.lr, settings.warmup_iters
+    min_lr = lr / 10 if settings.min_lr is None else settings.min_lr
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    decay_iters = settings.lr_decay_iters or total_iters
     if it >= decay_iters:
-        return args.min_lr
-    t = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (args.lr - args.min_lr)
+        return min_lr
+    t = (it - warmup) / max(1, decay_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (lr - min_lr)
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. One optimisation step
+# 4. One optimisation step
 # ----------------------------------------------------------------------------------------------
 
 def forward_backward(model, next_batch, grad_accum, autocast_ctx, scaler, ddp=False):
@@ -182,11 +250,11 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Evaluation
+# 5. Evaluation
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def estimate_loss(model, tokens_by_split, args, device, autocast_ctx, seed):
+def estimate_loss(model, tokens_by_split, settings, device, autocast_ctx, seed):
     """Mean loss over eval_iters random batches of each split, in nats/token.
 
     The batches come from a generator with a fixed seed, never from the global RNG: every
@@ -198,9 +266,9 @@ def estimate_loss(model, tokens_by_split, args, device, autocast_ctx, seed):
     out = {}
     for split, tokens in tokens_by_split.items():
         g = torch.Generator().manual_seed(seed)
-        losses = torch.zeros(args.eval_iters)
-        for i in range(args.eval_iters):
-            x, y = data.get_batch(tokens, args.block_size, args.batch_size, g, device)
+        losses = torch.zeros(settings.eval_iters)
+        for i in range(settings.eval_iters):
+            x, y = data.get_batch(tokens, settings.block_size, settings.batch_size, g, device)
             with autocast_ctx:
                 _, loss = model(x, y)
             losses[i] = loss.item()
@@ -217,17 +285,14 @@ def bits_per_byte(nats_per_token, tokens, n_bytes):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The checkpoint
+# 6. The checkpoint
 # ----------------------------------------------------------------------------------------------
 # A checkpoint is one dict that torch.load(path, weights_only=True) can read: tensors and plain
 # Python (dict, list, str, int, float) only. A full pickle can run any code while loading, so a
 # checkpoint downloaded from a stranger could take over the machine; weights_only refuses that,
 # which is why nothing in ours is a class. make_checkpoint lists every key and who reads it.
 
-MODEL_CONFIG_FLAGS = ("block_size", "dropout", "bias")   # flags stored in model_config, not train_args
-RESUME_KEYS = ("model", "model_config", "tokenizer", "optimizer", "scaler", "iter_num", "best_val_loss",
-               "train_args", "rng", "data_state", "history")   # what --resume needs of a checkpoint
-TRAIN_HINT = "python train.py --model_type gpt-micro --dataset chinese"
+MODEL_CONFIG_FLAGS = ("block_size", "dropout", "bias")   # settings kept in model_config, not train_args
 
 
 def make_checkpoint(run):
@@ -241,22 +306,23 @@ def make_checkpoint(run):
     scaler         the float16 GradScaler's state, or None               --resume
     iter_num       optimizer steps taken                                 --resume; --init_from records it
     best_val_loss  the lowest val loss so far, nats/token                --resume
-    train_args     every flag but MODEL_CONFIG_FLAGS (one copy each)      --resume, sample.py's flag check
+    train_args     every setting but MODEL_CONFIG_FLAGS (one copy each)  --resume, sample.py's flag check
     rng            the state of every random generator a step draws      --resume
     data_state     where the batch iterator stands (data.BatchIterator)  --resume
     history        (iteration, loss) of every evaluation: for loss.svg   --resume
     init_from      {"path", "iter_num"} of the checkpoint this run       a record for you
                    started from (--init_from), or None
     """
+    settings = dataclasses.asdict(run.settings)
     return {
         "model": run.model.state_dict(),
-        "model_config": run.config.to_dict(),
+        "model_config": run.model.config.to_dict(),
         "tokenizer": run.tokenizer_entry,
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "iter_num": run.iter_num,
         "best_val_loss": run.best_val_loss,
-        "train_args": {k: v for k, v in vars(run.args).items() if k not in MODEL_CONFIG_FLAGS},
+        "train_args": {k: v for k, v in settings.items() if k not in MODEL_CONFIG_FLAGS},
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                 # the current GPU's. Only rank 0 saves, and every rank restores its state: all
                 # ranks were seeded alike and draw alike, so their generators were equal anyway.
@@ -280,35 +346,6 @@ def save_checkpoint(checkpoint, path):
                          f"read-only? The checkpoint already there is untouched") from None
 
 
-def read_checkpoint(path, need=("model", "model_config", "tokenizer")):
-    """torch.load(weights_only=True), with every way it can fail said in one line."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a run folder — give a checkpoint in it, e.g. {path / 'best_model.pt'}")
-    if not path.is_file():
-        raise InputError(f"no checkpoint at {path} — train one with: {TRAIN_HINT}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    # torch.save writes a zip archive, which starts with "PK\3\4" (very old torch: a raw pickle,
-    # which starts with the byte 0x80). Anything else is not a checkpoint at all.
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":
-        raise InputError(f"{path} is not a checkpoint (not a file torch.save wrote) — give a .pt "
-                         f"file written by train.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Unsupported global" in str(e):
-            raise InputError(f"{path} holds pickled Python objects, which weights_only loading refuses "
-                             f"(they could run code); this project's checkpoints hold only tensors "
-                             f"and plain data") from None
-        raise InputError(f"{path} is truncated or damaged ({type(e).__name__}) — was it being saved "
-                         f"when the run stopped? Use another checkpoint, e.g. last.pt") from None
-    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise InputError(f"{path} is not a checkpoint of this project (it lacks: {', '.join(missing)})")
-    return ckpt
-
-
 def build_model(ckpt, path, **changes):
     """GPT(GPTConfig(**model_config)) with the saved weights. `changes` replace config fields:
     --init_from sets the dropout, and may shrink block_size (the first position rows are kept)."""
@@ -329,13 +366,10 @@ def restore(run, ckpt):
     """--resume: put back everything make_checkpoint saved, so the run continues exactly."""
     run.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    for group in run.optimizer.param_groups:     # β2 and decay as this run's flags say (they are
-        group["betas"] = (0.9, run.args.beta2)    # last.pt's own unless given anew)
-    run.optimizer.param_groups[0]["weight_decay"] = run.args.weight_decay
     if ckpt["scaler"] is not None:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    run.history, run.init_from = ckpt["history"], ckpt.get("init_from")
+    run.history, run.init_from = ckpt["history"], ckpt["init_from"]
     run.batches.load_state_dict(ckpt["data_state"])
     # Last, every generator: the next batch, the next dropout mask, are then exactly those the
     # uninterrupted run would have drawn.
@@ -346,22 +380,23 @@ def restore(run, ckpt):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The run
+# 7. The run
 # ----------------------------------------------------------------------------------------------
+# The loop calls into three optional sections: progress lines and samples (section 8), the run
+# folder and clean stops (section 9), and several processes (section 10). Each name says what it
+# does, so a first reading can take them on trust.
 
 @dataclasses.dataclass
 class Run:
     """What one training run carries from step to step: what a checkpoint saves, and the rest."""
-    args: argparse.Namespace
+    settings: Settings
     device: str
     dtype: str
     rank: int                                # this process's number (0 when alone), and the
-    world: int                               # number of processes (section 9)
+    world: int                               # number of processes
     meta: dict                               # data.py's meta.json: token and byte counts
-    train_tokens: torch.Tensor
-    val_tokens: torch.Tensor
+    tokens: dict                             # {"train": tensor, "val": tensor}, mapped from disk
     batches: data.BatchIterator
-    config: GPTConfig
     model: GPT                               # the bare model: what we save and sample from
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -381,15 +416,26 @@ class Run:
     @property
     def out(self):
         """The run folder (--out_dir): last.pt, best_model.pt, log.jsonl, loss.svg."""
-        return pathlib.Path(self.args.out_dir)
+        return pathlib.Path(self.settings.out_dir)
 
 
-def start_run(args, resume, start):
+def tokenizer_for(settings, resume, start):
+    """The tokenizer to prepare the data with: --tokenizer for a new run; the checkpoint's own for
+    a run started from one, or resumed — except that a resumed run which trained its own BPE asks
+    for "bpe" again, and so finds the data folder, and the BPE in it, that it wrote."""
+    if start is not None:
+        return bpe.tokenizer_from_entry(start["tokenizer"])
+    if resume is not None and not (settings.tokenizer == "bpe" and resume["init_from"] is None):
+        return bpe.tokenizer_from_entry(resume["tokenizer"])
+    return settings.tokenizer
+
+
+def start_run(settings, resume, start):
     """Everything before the first step: the device, the data, the model and the optimizer —
     fresh, or continuing `resume` (out_dir/last.pt), or starting from `start` (--init_from)."""
-    device = pick_device(args.device)
-    rank, local_rank, world, device = setup_distributed(device)                   # section 9
-    dtype = pick_dtype(args.dtype, device)
+    device = pick_device(settings.device)
+    rank, local_rank, world, device = setup_distributed(device)
+    dtype = pick_dtype(settings.dtype, device)
     if device.startswith("cuda"):
         # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8× faster, and precise
         # enough for training.
@@ -397,87 +443,87 @@ def start_run(args, resume, start):
         torch.backends.cudnn.allow_tf32 = True
     # The weights' initialisation and dropout draw from torch's global generator: seeding it makes
     # a run repeatable, and the checkpoint's "rng" carries it on across a resume.
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    # The tokenizer: --tokenizer's, unless a checkpoint decides (--init_from, or resuming a run
-    # that began with --init_from): then the checkpoint's own, whatever data it meets.
-    # (settle_flags leaves args.tokenizer None exactly for such runs.)
-    deciding = resume if resume and args.tokenizer is None else start
-    tokenizer = bpe.tokenizer_from_entry(deciding["tokenizer"]) if deciding else args.tokenizer
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
     # The data, then the model: the model's vocabulary is the size of the tokenizer the data was
     # written with (data.py's meta.json says it).
-    folder = prepare_data(args, tokenizer, local_rank)                            # section 9
+    folder = prepare_data(settings, tokenizer_for(settings, resume, start), local_rank)
+    tokenizer = data.load_tokenizer(folder)
+    if resume is not None and bpe.tokenizer_from_entry(resume["tokenizer"]) != tokenizer:
+        raise InputError(f"{folder} now holds another tokenizer than {settings.out_dir}/last.pt: the "
+                         f"text changed since — resume with the text as it was, or start a new run")
     meta = data.load_meta(folder)
-    train_tokens, val_tokens = data.load_tokens(folder, "train"), data.load_tokens(folder, "val")
-    batches = data.BatchIterator(train_tokens, args.block_size, args.batch_size, seed=args.seed,
-                                 rank=rank, world_size=world, device=device)
-    if start:
-        model = build_model(start, args.init_from, block_size=args.block_size, dropout=args.dropout)
+    tokens = {split: data.load_tokens(folder, split) for split in ("train", "val")}
+    batches = data.BatchIterator(tokens["train"], settings.block_size, settings.batch_size,
+                                 seed=settings.seed, rank=rank, world_size=world, device=device)
+    if start is not None:
+        model = build_model(start, start["path"], block_size=settings.block_size, dropout=settings.dropout)
     else:
-        model = GPT(GPTConfig.from_preset(args.model_type, vocab_size=meta["vocab_size"],
-                                          block_size=args.block_size, dropout=args.dropout, bias=bool(args.bias)))
-    optimizer = make_optimizer(model.to(device), args)
+        model = GPT(GPTConfig.from_preset(settings.model_type, vocab_size=meta["vocab_size"],
+                                          block_size=settings.block_size, dropout=settings.dropout,
+                                          bias=bool(settings.bias)))
+    optimizer = make_optimizer(model.to(device), settings)
     # The scaler is only active for float16; for other dtypes every call passes straight through.
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
-    run = Run(args, device, dtype, rank, world, meta, train_tokens, val_tokens, batches, model.config,
-              model, optimizer, scaler, bpe.tokenizer_entry(data.load_tokenizer(folder)),
-              total_iters=count_iters(args, batches),
-              init_from={"path": str(args.init_from), "iter_num": start["iter_num"]} if start else None)
-    if resume:
+    run = Run(settings, device, dtype, rank, world, meta, tokens, batches, model, optimizer, scaler,
+              bpe.tokenizer_entry(tokenizer), total_iters=count_iters(settings, batches),
+              init_from={"path": str(start["path"]), "iter_num": start["iter_num"]} if start else None)
+    if resume is not None:
         restore(run, resume)
-    if run.master:
-        if resume:
-            rewind_log(run.out / "log.jsonl", run.iter_num)                       # section 8
+        if run.master:
+            rewind_log(run.out / "log.jsonl", run.iter_num)
             print(f"resumed from {run.out / 'last.pt'} at iteration {run.iter_num}")
-        else:
-            (run.out / "log.jsonl").unlink(missing_ok=True)
+    elif run.master:
+        (run.out / "log.jsonl").unlink(missing_ok=True)
     return run
 
 
-def count_iters(args, batches):
+def count_iters(settings, batches):
     """The run's length in optimizer steps: --max_iters, else --epochs passes over the data."""
-    if args.max_iters is not None:
-        return args.max_iters
-    steps_per_epoch = max(1, batches.steps_per_epoch // args.grad_accum)
-    return max(1, round(args.epochs * steps_per_epoch))
+    if settings.max_iters is not None:
+        return settings.max_iters
+    steps_per_epoch = max(1, batches.steps_per_epoch // settings.grad_accum)
+    return max(1, round(settings.epochs * steps_per_epoch))
 
 
-def train(args, argv=()):
-    """A whole training run; returns {"iter_num", "best_val_loss", "history"}."""
-    resume, start = read_start_checkpoints(args)     # and settle the flags they fix (section 10)
-    with claim_out_dir(args.out_dir, resume is not None):     # checked, locked (section 8)
-        run = start_run(args, resume, start)
-        model = wrap_model(run)                  # torch.compile and/or DDP around it (section 9)
+def train(settings, resume=None, start=None):
+    """A whole training run; returns {"iter_num", "best_val_loss", "history"}.
+
+    resume: the checkpoint of the run to continue (out_dir/last.pt); start: a checkpoint whose
+    weights, shape and tokenizer a new run begins from (--init_from), its "path" added.
+    """
+    with claim_out_dir(settings.out_dir, resume is not None):    # the folder is ours: checked, locked
+        run = start_run(settings, resume, start)
+        wrapped = wrap_model(run)                # run.model inside torch.compile and/or DDP
         autocast_ctx = autocast_context(run.device, run.dtype)
-        print_start(run)                                                          # section 7
+        print_start(run)
         # The loop: at each iteration first evaluate (every eval_interval steps), then stop or
         # take one step. Evaluating first means iteration 0 measures the model as it starts, and
         # the last evaluation sees the final weights.
         stopping = False
-        with StopFlag() as stop:                 # Ctrl-C / SIGTERM: finish the step (section 8)
+        with StopFlag() as stop:                 # Ctrl-C / SIGTERM: finish the step, then save
             while True:
-                # evaluate and save every eval_interval steps, and at the very end
-                if run.iter_num % args.eval_interval == 0 or run.iter_num == run.total_iters:
-                    evaluate_and_save(run, model, autocast_ctx)
+                if run.iter_num % settings.eval_interval == 0 or run.iter_num == run.total_iters:
+                    evaluate_and_save(run, wrapped, autocast_ctx)
                 if run.iter_num >= run.total_iters or stopping:
                     break
                 # one optimisation step
-                lr = learning_rate(run.iter_num, args, run.total_iters)
+                lr = learning_rate(run.iter_num, settings, run.total_iters)
                 for group in run.optimizer.param_groups:          # AdamW reads its rate here
                     group["lr"] = lr
-                loss = forward_backward(model, run.batches.next_batch, args.grad_accum, autocast_ctx,
-                                        run.scaler, ddp=run.world > 1)
-                norm, stepped = optimizer_step(model, run.optimizer, run.scaler, args.grad_clip)
+                loss = forward_backward(wrapped, run.batches.next_batch, settings.grad_accum,
+                                        autocast_ctx, run.scaler, ddp=run.world > 1)
+                norm, stepped = optimizer_step(wrapped, run.optimizer, run.scaler, settings.grad_clip)
                 loss = loss.item()               # waits for the GPU: once per step
                 stopping = stop.requested
-                if run.world > 1:                # every rank must agree to stop (section 9)
+                if run.world > 1:                # every rank must agree to stop
                     stopping, loss = agree_across_ranks(run, stopping, loss)
                 check_finite(run, loss)
                 run.iter_num += 1
-                if run.iter_num % args.log_interval == 0:
-                    log_progress(run, loss, lr, norm, stepped)                    # section 7
-        finish(run, stopping, argv)
-        leave_distributed()                                                       # section 9
+                if run.iter_num % settings.log_interval == 0:
+                    log_progress(run, loss, lr, norm, stepped)
+        finish(run, stopping)
+        leave_distributed()
     return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "history": run.history}
 
 
@@ -486,18 +532,16 @@ def evaluate_and_save(run, model, autocast_ctx):
     loss is the lowest yet — redraw loss.svg, and write a sample if --sample_every asks."""
     if run.history["val"] and run.history["val"][-1][0] == run.iter_num:
         return                                   # just resumed here: this evaluation is done
-    losses = estimate_loss(model, {"train": run.train_tokens, "val": run.val_tokens}, run.args,
-                           run.device, autocast_ctx, seed=run.args.seed + 1000 * run.rank)
+    losses = estimate_loss(model, run.tokens, run.settings, run.device, autocast_ctx,
+                           seed=run.settings.seed + 1000 * run.rank)
     if run.world > 1:
-        losses = average_across_ranks(run, losses)                                # section 9
-    if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
-        raise InputError(f"eval loss is not finite at iteration {run.iter_num} — training diverged; "
-                         f"the checkpoints in {run.args.out_dir} were left as they were. Try a lower --lr")
+        losses = average_across_ranks(run, losses)
+    check_finite(run, losses["train"] + losses["val"], evaluating=True)
     run.history["train"].append((run.iter_num, losses["train"]))
     run.history["val"].append((run.iter_num, losses["val"]))
     if not run.master:
         return
-    log_eval(run, losses)                                                         # section 7
+    log_eval(run, losses)
     # last.pt is always the newest state (to resume from); best_model.pt the one with the lowest
     # val loss (to sample from): with a small dataset the model can get worse as it memorises.
     improved = losses["val"] < run.best_val_loss
@@ -507,37 +551,40 @@ def evaluate_and_save(run, model, autocast_ctx):
     if improved:
         save_checkpoint(checkpoint, run.out / "best_model.pt")
     write_loss_svg(run.out / "loss.svg", run.history["train"], run.history["val"])
-    if run.args.sample_every and (len(run.history["val"]) - 1) % run.args.sample_every == 0:
-        sample_while_training(run)                                                # section 7
+    if run.settings.sample_every and (len(run.history["val"]) - 1) % run.settings.sample_every == 0:
+        sample_while_training(run)
     run.timed_since = (time.time(), run.iter_num)            # tokens/s counts training time only
 
 
-def check_finite(run, loss):
+def check_finite(run, loss, evaluating=False):
     """A NaN or infinite loss means training diverged: stop at once, saving nothing more. With
-    float16 a non-finite loss can be a passing overflow the scaler handles by skipping the step;
-    there the next evaluation gives the verdict."""
-    if not math.isfinite(loss) and run.dtype != "float16":
-        saved = run.history["val"][-1][0] if run.history["val"] else 0
-        raise InputError(f"loss is {loss} at iteration {run.iter_num} — training diverged. Nothing was "
-                         f"saved after iteration {saved}; try a lower --lr (now {run.args.lr}) or "
-                         f"--dtype float32/bfloat16")
+    float16 a non-finite training loss can be a passing overflow that the scaler handles by
+    skipping the step; there the next evaluation gives the verdict."""
+    if math.isfinite(loss) or (run.dtype == "float16" and not evaluating):
+        return
+    saved = run.history["val"][-1][0] if run.history["val"] else 0
+    raise InputError(f"loss is {loss} at iteration {run.iter_num} — training diverged. Nothing was "
+                     f"saved after iteration {saved}; try a lower --lr (now {run.settings.lr}) or "
+                     f"--dtype float32/bfloat16")
 
 
-def finish(run, stopped, argv):
+def finish(run, stopped):
     """The last words: how to resume a stopped run, or where the checkpoints are."""
     if not run.master:
         return
     last, best = run.out / "last.pt", run.out / "best_model.pt"
     if stopped and run.iter_num < run.total_iters:
         save_checkpoint(make_checkpoint(run), last)
-        print(f"stopped at iteration {run.iter_num}; saved {last}. Resume with:\n  {resume_command(argv, run.world)}")
+        launcher = f"torchrun --nproc_per_node {run.world}" if run.world > 1 else "python"
+        print(f"stopped at iteration {run.iter_num}; saved {last}. Resume with:\n"
+              f"  {launcher} train.py --resume --out_dir {run.out}")
     else:
         print(f"done: {run.iter_num} iterations, best val loss {run.best_val_loss:.4f}; checkpoints in "
               f"{run.out} — sample with: python sample.py --checkpoint {best}")
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. (optional) Progress: log lines, log.jsonl, loss.svg, samples while training
+# 8. (optional) Progress: log lines, log.jsonl, loss.svg, samples while training
 # ----------------------------------------------------------------------------------------------
 # What it adds: what a person watches during a run. Nothing here changes the training: it reads
 # the run and writes text (and sampling uses a random generator of its own).
@@ -562,17 +609,20 @@ def gpu_peak_flops(device):
 
 def tokens_per_step(run):
     """Tokens one optimizer step trains on, over every process."""
-    return run.args.batch_size * run.args.block_size * run.args.grad_accum * run.world
+    s = run.settings
+    return s.batch_size * s.block_size * s.grad_accum * run.world
 
 
 def print_start(run):
     """The run in one line: model size, vocabulary, context, device, precision, length."""
     run.timed_since = (time.time(), run.iter_num)
     if run.master:
-        steps = max(1, run.batches.steps_per_epoch // run.args.grad_accum)
-        print(f"model {run.args.model_type}: {run.model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
-              f"vocab {run.config.vocab_size}, context {run.config.block_size} | device {run.device}, "
-              f"{run.dtype} | {tokens_per_step(run):,} tokens/step, {steps} steps/epoch, {run.total_iters} steps")
+        steps = max(1, run.batches.steps_per_epoch // run.settings.grad_accum)
+        config = run.model.config
+        print(f"model {run.settings.model_type}: {run.model.num_params(non_embedding=False) / 1e6:.2f}M "
+              f"parameters, vocab {config.vocab_size}, context {config.block_size} | device {run.device}, "
+              f"{run.dtype} | {tokens_per_step(run):,} tokens/step, {steps} steps/epoch, "
+              f"{run.total_iters} steps")
 
 
 def append_log(run, record):
@@ -584,7 +634,9 @@ def append_log(run, record):
 def format_duration(seconds):
     """1h05m or 4m09s: an ETA a person reads at a glance."""
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def log_progress(run, loss, lr, norm, stepped):
@@ -606,8 +658,8 @@ def log_progress(run, loss, lr, norm, stepped):
     peak = gpu_peak_flops(run.device)
     mfu = run.model.flops_per_token() * tokens_per_s / run.world / peak if peak else None
     eta = (run.total_iters - run.iter_num) * dt
-    print(f"iter {run.iter_num}/{run.total_iters} | epoch {run.batches.epoch} | loss {loss:.4f} | lr {lr:.2e} | "
-          f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu else "") +
+    print(f"iter {run.iter_num}/{run.total_iters} | epoch {run.batches.epoch} | loss {loss:.4f} | "
+          f"lr {lr:.2e} | {tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu else "") +
           ("" if stepped else " | fp16 step skipped") + f" | ETA {format_duration(eta)}", flush=True)
     append_log(run, {"type": "train", "iter": run.iter_num, "epoch": run.batches.epoch, "loss": loss,
                      "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s, "mfu": mfu,
@@ -637,27 +689,31 @@ def write_loss_svg(path, train_points, val_points, width=640, height=360, pad=48
     # SVG's y axis points down: the lowest loss goes to the bottom edge, height − pad.
     def polyline(pts, colour):                                # data → pixel coordinates
         coords = " ".join(f"{pad + it / x_max * (width - 2 * pad):.1f},"
-                          f"{height - pad - (loss - y_min) / y_span * (height - 2 * pad):.1f}" for it, loss in pts)
+                          f"{height - pad - (loss - y_min) / y_span * (height - 2 * pad):.1f}"
+                          for it, loss in pts)
         return f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{coords}"/>'
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+    bottom, right = height - pad, width - pad
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
              f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{bottom}" stroke="black"/>',
              f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">iteration (0 … {x_max})</text>',
              f'<text x="6" y="{pad - 8}">loss {y_max:.3f}</text>',
-             f'<text x="6" y="{height - pad + 16}">{y_min:.3f}</text>',
+             f'<text x="6" y="{bottom + 16}">{y_min:.3f}</text>',
              polyline(train_points, "#1f77b4"), polyline(val_points, "#ff7f0e"),
-             f'<text x="{width - pad - 110}" y="{pad}" fill="#1f77b4">train loss</text>',
-             f'<text x="{width - pad - 110}" y="{pad + 16}" fill="#ff7f0e">val loss</text>',
+             f'<text x="{right - 110}" y="{pad}" fill="#1f77b4">train loss</text>',
+             f'<text x="{right - 110}" y="{pad + 16}" fill="#ff7f0e">val loss</text>',
              "</svg>"]
-    bpe.write_text_atomically(path, "\n".join(parts) + "\n")
+    with bpe.atomic_path(path) as temp:
+        temp.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
 def default_sample_prompt(run, enc):
     """The first line of the validation text, cut to 20 characters: text the model has not
     trained on, in the style it learns."""
-    first_ids = run.val_tokens[:200].tolist()                # 200 tokens hold a line or more
+    first_ids = run.tokens["val"][:200].tolist()             # 200 tokens hold a line or more
     text = "".join(bpe.decode_stream(enc, [t for t in first_ids if t != enc.eot_token]))
     return next((line.strip() for line in text.splitlines() if line.strip()), "")[:20]
 
@@ -670,13 +726,14 @@ def sample_while_training(run):
     successive evaluations differ only because the model does), never from the global RNG.
     """
     enc = bpe.get_tokenizer(run.tokenizer_entry)
-    prompt = run.args.sample_prompt if run.args.sample_prompt is not None else default_sample_prompt(run, enc)
-    ids = enc.encode_ordinary(prompt)[-run.config.block_size:] or [enc.eot_token]
-    generator = torch.Generator(device=run.device).manual_seed(run.args.seed)
+    s = run.settings
+    prompt = s.sample_prompt if s.sample_prompt is not None else default_sample_prompt(run, enc)
+    ids = enc.encode_ordinary(prompt)[-run.model.config.block_size:] or [enc.eot_token]
+    generator = torch.Generator(device=run.device).manual_seed(s.seed)
     # temperature 0.8 among the 200 likeliest tokens: a little tamer than the model's raw
     # distribution, so that a sample shows what it has learned more than its noise
     run.model.eval()
-    new_ids = run.model.stream(torch.tensor([ids], device=run.device), run.args.sample_tokens,
+    new_ids = run.model.stream(torch.tensor([ids], device=run.device), s.sample_tokens,
                                temperature=0.8, top_k=200, generator=generator)
     text = "".join(bpe.decode_stream(enc, (t for t in map(int, new_ids) if t != enc.eot_token)))
     run.model.train()
@@ -685,7 +742,7 @@ def sample_while_training(run):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. (optional) The run folder, and stopping cleanly
+# 9. (optional) The run folder, and stopping cleanly
 # ----------------------------------------------------------------------------------------------
 # What it adds: nothing a user had is lost. A run checks its folder before any work (so a folder
 # it cannot write is found now, not after an hour of training), owns it while it runs (a second
@@ -778,23 +835,8 @@ def rewind_log(path, iter_num):
             continue
         if record.get("iter", 0) <= iter_num:
             kept.append(line if line.endswith("\n") else line + "\n")
-    bpe.write_text_atomically(path, "".join(kept))
-
-
-def resume_command(argv, world):
-    """The command that continues this run: the same flags with --resume (and without
-    --init_from, whose weights are in last.pt now).
-
-    It repeats the flags as given, though --resume would take them from last.pt: a command a
-    person can read back says what the run is, and can be edited (a longer --max_iters, say).
-    """
-    args = list(argv)
-    if "--init_from" in args:                # its weights are in last.pt now
-        i = args.index("--init_from")
-        del args[i:i + 2]
-    args = [a for a in args if not a.startswith("--init_from=")]
-    launcher = ["torchrun", "--nproc_per_node", str(world)] if world > 1 else ["python"]
-    return shlex.join(launcher + ["train.py"] + [a for a in args if a != "--resume"] + ["--resume"])
+    with bpe.atomic_path(path) as temp:
+        temp.write_text("".join(kept), encoding="utf-8")
 
 
 class StopFlag:
@@ -820,7 +862,7 @@ class StopFlag:
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. (optional) Several processes: DDP
+# 10. (optional) Several processes: DDP
 # ----------------------------------------------------------------------------------------------
 # What it adds: `torchrun --nproc_per_node N train.py ...` trains on N GPUs (or N CPU processes)
 # with DistributedDataParallel: each process holds the whole model, trains on its own share of
@@ -850,19 +892,19 @@ def setup_distributed(device):
     return rank, local_rank, world, device
 
 
-def prepare_data(args, tokenizer, local_rank):
+def prepare_data(settings, tokenizer, local_rank):
     """Tokenize once per machine: each machine's first process prepares, the others wait, then
     find it done. (One machine's disk is not another's: a rank-0-only rule would leave a second
     machine's processes without data, or all of them tokenizing at once.)"""
-    kwargs = dict(data_dir=args.data_dir, max_mb=args.max_mb, num_proc=args.num_proc,
-                  vocab_size=args.vocab_size)
+    kwargs = dict(data_dir=settings.data_dir, max_mb=settings.max_mb, num_proc=settings.num_proc,
+                  vocab_size=settings.vocab_size)
     # Prepared data is reused, so the waiting processes' own prepare() only finds it done.
     if local_rank == 0:
-        folder = data.prepare(args.dataset, tokenizer, verbose=True, **kwargs)
+        folder = data.prepare(settings.dataset, tokenizer, verbose=True, **kwargs)
     if dist.is_initialized():
         dist.barrier()
     if local_rank != 0:
-        folder = data.prepare(args.dataset, tokenizer, verbose=False, **kwargs)
+        folder = data.prepare(settings.dataset, tokenizer, verbose=False, **kwargs)
     return folder
 
 
@@ -871,9 +913,10 @@ def wrap_model(run):
     stays in run.model: it is what we save, and what samples."""
     # torch.compile traces the model into fused kernels (minutes of warm-up, then faster steps
     # on a GPU). DDP wraps the outside so that backward() all-reduces the gradients.
-    model = torch.compile(run.model) if run.args.compile else run.model
+    model = torch.compile(run.model) if run.settings.compile else run.model
     if run.world > 1:
-        model = DDP(model, device_ids=[torch.device(run.device).index] if run.device.startswith("cuda") else None)
+        device_ids = [torch.device(run.device).index] if run.device.startswith("cuda") else None
+        model = DDP(model, device_ids=device_ids)
     return model
 
 
@@ -884,6 +927,16 @@ def average_across_ranks(run, values):
     return {name: v / run.world for name, v in zip(values, t.tolist())}
 
 
+def agree_across_ranks(run, stop_requested, loss):
+    """Every rank must leave the loop at the same step, or the others would wait forever in the
+    next all-reduce: agree on "stop?" and "diverged?" together (any rank's yes is everyone's).
+    A signal reaches the processes at different moments (or only one of them), and a NaN can
+    appear on one rank's data alone; a MAX all-reduce of two flags settles both at once."""
+    flags = torch.tensor([float(stop_requested), float(not math.isfinite(loss))], device=run.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), float("nan") if flags[1] else loss
+
+
 def leave_distributed():
     """Every process leaves together: one that tears its connections down while another still
     waits on it (rank 0 saving the last checkpoint, say) can leave that one hanging."""
@@ -892,205 +945,170 @@ def leave_distributed():
         dist.destroy_process_group()
 
 
-def agree_across_ranks(run, stop_requested, loss):
-    # A signal reaches the processes at different moments (or only one of them), and a NaN can
-    # appear on one rank's data alone; a MAX all-reduce of two flags settles both at once.
-    """Every rank must leave the loop at the same step, or the others would wait forever in the
-    next all-reduce: agree on "stop?" and "diverged?" together (any rank's yes is everyone's)."""
-    flags = torch.tensor([float(stop_requested), float(not math.isfinite(loss))], device=run.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), float("nan") if flags[1] else loss
-
-
 # ----------------------------------------------------------------------------------------------
-# 10. (optional) The command line
+# 11. (optional) The command line
 # ----------------------------------------------------------------------------------------------
-# What it adds: every knob of a run as a flag, each checked when parsed (a wrong value is one
-# line, exit 2), and the defaults each preset trains well with. nano/micro/mini are sized for a
-# CPU (a few thousand steps in minutes to an hour); gpt-small and the GPT-2 sizes want a GPU (for
-# GPT-2's ~0.5M tokens a step, add --grad_accum 40 as nanoGPT does).
+# What it adds: a flag for every setting of section 1, each checked as it is parsed (a wrong value
+# is one line, exit 2), and the two ways a run can begin from a checkpoint:
+#   --resume      continues the run in --out_dir/last.pt. Every setting comes from last.pt; the
+#                 flags of RESUME_MAY_CHANGE may be given anew, any other only with the value it
+#                 already has (so the command that started the run, plus --resume, works).
+#   --init_from   starts a new run, in a folder of its own, from another checkpoint's weights: its
+#                 shape and tokenizer come from that checkpoint, so FROM_CHECKPOINT may not be
+#                 given; --block_size may shrink the context, never grow it.
 
-PRESET_DEFAULTS = {
-    "gpt-nano":    dict(block_size=64,   batch_size=32, lr=2e-3, max_iters=2000, warmup_iters=100),
-    "gpt-micro":   dict(block_size=128,  batch_size=32, lr=1e-3, max_iters=5000, warmup_iters=100),
-    "gpt-mini":    dict(block_size=256,  batch_size=32, lr=1e-3, max_iters=5000, warmup_iters=200),
-    "gpt-small":   dict(block_size=512,  batch_size=16, lr=6e-4, max_iters=20000, warmup_iters=500),
-    "gpt2":        dict(block_size=1024, batch_size=12, lr=6e-4, max_iters=600000, warmup_iters=2000),
-    "gpt2-medium": dict(block_size=1024, batch_size=12, lr=3e-4, max_iters=600000, warmup_iters=2000),
-    "gpt2-large":  dict(block_size=1024, batch_size=8,  lr=2.5e-4, max_iters=600000, warmup_iters=2000),
-    "gpt2-xl":     dict(block_size=1024, batch_size=4,  lr=2e-4, max_iters=600000, warmup_iters=2000),
-}
-# A resumed run must be the same run: these flags, if given, must agree with last.pt (all the
-# others left out are taken from it too). A run started from another checkpoint (--init_from)
-# takes that model's shape and tokenizer: FROM_CHECKPOINT must agree with it.
-SAME_RUN = ("model_type", "dataset", "tokenizer", "vocab_size", "bias", "block_size", "batch_size",
-            "max_mb", "seed")
+RESUME_MAY_CHANGE = ("max_iters", "epochs", "eval_interval", "eval_iters", "log_interval", "sample_every",
+                     "sample_prompt", "sample_tokens", "device", "compile", "num_proc")
 FROM_CHECKPOINT = ("model_type", "tokenizer", "vocab_size", "bias")
-# The project's defaults, for the flags a checkpoint did not decide (the preset's come first).
-# argparse itself gives every flag None, so that "left out" can be told from "given": a resumed
-# run must take last.pt's value for a flag left out, not this default.
-FLAG_DEFAULTS = dict(dataset="chinese", tokenizer=data.DEFAULT_TOKENIZER, vocab_size=data.DEFAULT_VOCAB_SIZE,
-                     data_dir="data", bias=1, dropout=0.0, grad_accum=1, weight_decay=0.1, grad_clip=1.0,
-                     dtype="auto", device="auto", compile=False, eval_interval=250, eval_iters=20,
-                     log_interval=10, sample_every=0, sample_tokens=60, seed=1337)
+TRAIN_HINT = "python train.py --model_type gpt-micro --dataset chinese"
+RESUME_KEYS = ("model", "model_config", "tokenizer", "optimizer", "scaler", "iter_num", "best_val_loss",
+               "train_args", "rng", "data_state", "history", "init_from")   # what --resume reads
 
 
-def read_start_checkpoints(args):
-    """(last.pt to resume, the checkpoint to start from): each None unless asked for — and the
-    flags they fix, settled (settle_flags). Both are read before any folder is touched, so a
-    missing or foreign checkpoint, or a flag that contradicts it, costs nothing."""
-    resume = start = None
-    if args.resume:
-        path = pathlib.Path(args.out_dir) / "last.pt"
-        if not path.exists():
-            raise InputError(f"--resume, but there is no {path} — start without --resume, or give "
-                             f"the --out_dir of the run to continue")
-        resume = read_checkpoint(path, need=RESUME_KEYS)
-    if args.init_from:
-        start = read_checkpoint(args.init_from)
-    settle_flags(args, resume or start, "resume" if resume else "init_from" if start else None)
-    return resume, start
+def device_flag(name):
+    """An argparse `type=` for --device: auto, or a device torch can use here — a typo or a missing
+    GPU is one line now, not a traceback later. sample.py uses it too."""
+    if name != "auto":
+        try:
+            torch.empty(0, device=name)          # torch itself says whether the device is usable
+        except (RuntimeError, AssertionError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = reason if len(reason) < 60 else reason[:57] + "…"
+            raise argparse.ArgumentTypeError(f"{name} is not a device torch can use here ({reason}) — "
+                                             f"use auto, cpu, cuda, cuda:N or mps") from None
+    return name
 
 
-def checkpoint_flags(ckpt):
-    """The flag values a checkpoint was trained with (its shape flags from model_config).
-
-    tokenizer_kind is what its tokenizer entry holds — "bpe" (ours) or an OpenAI name — which a
-    --tokenizer flag may name instead of the exact value the run was started with.
-    """
-    config, old = ckpt["model_config"], dict(ckpt.get("train_args") or {})
-    preset = next((name for name, shape in PRESETS.items()
-                   if all(config.get(k) == v for k, v in shape.items())), None)
-    entry = ckpt["tokenizer"]
-    kind = "bpe" if isinstance(entry, dict) and "tokens" in entry else (entry or {}).get("name")
-    return {**old, "model_type": old.get("model_type") or preset, "bias": int(config["bias"]),
-            "block_size": config["block_size"], "dropout": config["dropout"],
-            "vocab_size": old.get("vocab_size", config["vocab_size"]), "tokenizer": old.get("tokenizer", kind),
-            "tokenizer_kind": kind}
-
-
-def check_agrees(args, held, flag, how):
-    """A flag the user gave must agree with the checkpoint's value. --tokenizer may also name the
-    kind ("bpe"); --vocab_size means nothing for OpenAI's vocabularies."""
-    given, wanted = getattr(args, flag), held.get(flag)
-    if given is None or given == wanted or (flag == "tokenizer" and given == held["tokenizer_kind"]) \
-            or (flag == "vocab_size" and held["tokenizer_kind"] != "bpe"):
-        return
-    shown = wanted if wanted is not None else "(the checkpoint's own)" if flag == "tokenizer" else "(not given)"
-    if how == "resume":
-        raise InputError(f"{pathlib.Path(args.out_dir) / 'last.pt'} was trained with --{flag} {shown}, not "
-                         f"{given} — leave the flag out to go on as it was, or start a new run in another --out_dir")
-    raise InputError(f"{args.init_from} was trained with --{flag} {shown}, not {given} — leave the flag "
-                     f"out: the checkpoint decides it")
+def read_checkpoint(path, need=("model", "model_config", "tokenizer")):
+    """torch.load(weights_only=True), with every way it can fail said in one line."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a run folder — give a checkpoint in it, e.g. {path / 'best_model.pt'}")
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {path} — train one with: {TRAIN_HINT}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive, which starts with "PK\3\4" (very old torch: a raw pickle,
+    # which starts with the byte 0x80). Anything else is not a checkpoint at all.
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise InputError(f"{path} is not a checkpoint (not a file torch.save wrote) — give a .pt "
+                         f"file written by train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "Unsupported global" in str(e):
+            raise InputError(f"{path} holds pickled Python objects, which weights_only loading refuses "
+                             f"(they could run code); this project's checkpoints hold only tensors "
+                             f"and plain data") from None
+        raise InputError(f"{path} is truncated or damaged ({type(e).__name__}) — was it being saved "
+                         f"when the run stopped? Use another checkpoint, e.g. last.pt") from None
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise InputError(f"{path} is not a checkpoint of this project (it lacks: {', '.join(missing)})")
+    return ckpt
 
 
-def settle_flags(args, ckpt, how):
-    """Fill in the flags left out (None).
-
-    Resuming, every one comes from last.pt, so the run goes on exactly as it was; the SAME_RUN
-    flags, if given, must agree with it. Starting from a checkpoint (--init_from), the
-    FROM_CHECKPOINT flags come from it (and must agree), and --block_size may only shrink. What is
-    still unset then takes the preset's default, and last the project's (FLAG_DEFAULTS).
-    """
-    decided = set()                          # flags the checkpoint set, even to None
-    if ckpt is not None:
-        held = checkpoint_flags(ckpt)
-        for flag in SAME_RUN if how == "resume" else FROM_CHECKPOINT:
-            check_agrees(args, held, flag, how)
-        if how == "resume":
-            decided = {flag for flag in held if flag in vars(args) and flag not in ("resume", "init_from", "out_dir")}
-        else:
-            # a run started with --init_from names no --tokenizer: it uses the checkpoint's, whole
-            decided = set(FROM_CHECKPOINT)
-            held["tokenizer"] = None
-            if args.block_size is not None and args.block_size > held["block_size"]:
-                raise InputError(f"--block_size {args.block_size} is longer than the context of "
-                                 f"{args.init_from} ({held['block_size']}): it can shrink, never grow")
-            args.block_size = args.block_size or held["block_size"]
-        for flag in decided:
-            if getattr(args, flag) is None or flag in FROM_CHECKPOINT:
-                setattr(args, flag, held[flag])
-    args.model_type = args.model_type or "gpt-micro"
-    defaults = {**PRESET_DEFAULTS[args.model_type], **FLAG_DEFAULTS}
-    if args.epochs is not None:
-        del defaults["max_iters"]                # --epochs sets the length instead
-    for key, value in defaults.items():
-        if getattr(args, key) is None and key not in decided:
-            setattr(args, key, value)
-    if args.beta2 is None:
-        # β2 = 0.99 averages the squared gradients over ~100 steps: steadier for the small, noisy
-        # batches of a CPU run; large batches on GPUs take 0.95 (nanoGPT's GPT-2 setting).
-        args.beta2 = 0.95 if args.model_type.startswith("gpt2") else 0.99
-    args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    args.out_dir = args.out_dir or os.path.join("checkpoints", args.model_type)
-
-
-def parse_args(argv=None):
-    """The flags as given. Those left out stay None here; settle_flags fills them in once it is
-    known whether a checkpoint decides them."""
-    p = bpe.ArgumentParser(prog="train.py", description="Train a GPT from scratch (see the lesson's docstring).")
-    positive_int, positive = bpe.number_flag(int, 1), bpe.number_flag(float, 0, low_open=True)
-    non_negative, fraction = bpe.number_flag(float, 0), bpe.number_flag(float, 0, 1, high_open=True)
+def parse_flags(argv):
+    """The flags on the command line, as {setting: value} — only those given (no defaults: those
+    are Settings', or the checkpoint's) — and the two ways to begin: (given, resume, init_from)."""
+    p = bpe.ArgumentParser(prog="train.py", argument_default=argparse.SUPPRESS,
+                           description="Train a GPT from scratch (see the lesson's docstring).")
+    count = bpe.number_flag(int, "≥ 1", lambda n: n >= 1)
+    whole = bpe.number_flag(int, "≥ 0", lambda n: n >= 0)
+    positive = bpe.number_flag(float, "> 0", lambda x: x > 0)
+    non_negative = bpe.number_flag(float, "≥ 0", lambda x: x >= 0)
+    fraction = bpe.number_flag(float, "in [0, 1)", lambda x: 0 <= x < 1)
     a = p.add_argument
-    # what to train, and on what
-    a("--model_type", choices=list(PRESETS), help="model size preset (gpt.py PRESETS; default gpt-micro)")
-    a("--dataset", help="chinese (default) | wikitext | wikitext2 | shakespeare | a .txt/.jsonl file or "
-                        "folder | NAME for data/raw/NAME/")
-    a("--tokenizer", help="bpe (train our own once; default) | gpt2 | cl100k_base | a saved BPE's path")
+    a("--model_type", choices=list(PRESETS), help="model size (gpt.py's PRESETS; default gpt-micro)")
+    a("--dataset", help="chinese (default) | wikitext | wikitext2 | shakespeare | a .txt/.jsonl file "
+                        "or folder | NAME for data/raw/NAME/")
+    a("--tokenizer", help="bpe (train our own; default) | gpt2 | cl100k_base | a saved BPE's path")
     a("--vocab_size", type=bpe.VOCAB_SIZE_FLAG, help="vocabulary size when --tokenizer bpe (default 8192)")
-    a("--data_dir", help="where raw downloads and token files live (default data)")
-    a("--max_mb", type=positive, help="tokenize at most this many MB of text (quick first runs)")
-    a("--num_proc", type=positive_int, help="tokenizing threads (default: all cores)")
-    # where a run starts
-    a("--init_from", help="start from this checkpoint's weights, shape and tokenizer (fine-tuning)")
-    a("--resume", action="store_true", help="continue exactly from out_dir/last.pt")
-    # how long, in what batches, at what learning rate
+    a("--data_dir", type=bpe.folder_flag, help="where raw downloads and token files live (default data)")
+    a("--max_mb", type=bpe.MAX_MB_FLAG, help="tokenize at most this many MB of text (quick first runs)")
+    a("--num_proc", type=count, help="tokenizing threads (default: all cores)")
+    a("--block_size", type=count, help="context length in tokens")
+    a("--dropout", type=fraction, help="dropout rate (default 0; 0.1–0.2 helps on small data)")
+    a("--bias", type=int, choices=[0, 1], help="biases in Linear and LayerNorm layers (default 1)")
+    a("--max_iters", type=count, help="number of optimizer steps (overrides --epochs)")
     a("--epochs", type=positive, help="train this many passes over the training tokens")
-    a("--max_iters", type=positive_int, help="number of optimizer steps (overrides --epochs)")
-    a("--lr_decay_iters", type=positive_int, help="length of the cosine schedule (default: the run's)")
-    a("--batch_size", type=positive_int, help="sequences per micro-batch (per process)")
-    a("--block_size", type=positive_int, help="context length in tokens")
-    a("--grad_accum", "--gradient_accumulation_steps", type=positive_int,
+    a("--batch_size", type=count, help="sequences per micro-batch (per process)")
+    a("--grad_accum", "--gradient_accumulation_steps", type=count,
       help="micro-batches per optimizer step (default 1; the second name is LLM Learning's)")
     a("--lr", type=positive, help="peak learning rate")
     a("--min_lr", type=non_negative, help="learning rate at the end of the cosine (default lr/10)")
-    a("--warmup_iters", type=bpe.number_flag(int, 0), help="steps of linear warm-up")
-    # the optimizer and the model's regularisation
+    a("--warmup_iters", type=whole, help="steps of linear warm-up")
+    a("--lr_decay_iters", type=count, help="length of the cosine schedule (default: the run's)")
     a("--weight_decay", type=non_negative, help="AdamW weight decay, on 2-D weights only (default 0.1)")
     a("--beta2", type=fraction, help="AdamW β2 (default 0.99 for the small presets, 0.95 for gpt2*)")
     a("--grad_clip", type=non_negative, help="clip the gradient norm to this (0 = off; default 1.0)")
-    a("--dropout", type=fraction, help="dropout rate (default 0; 0.1–0.2 helps on small data)")
-    a("--bias", type=int, choices=[0, 1], help="biases in Linear and LayerNorm layers (default 1)")
-    # where, and how fast
     a("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="autocast precision (default auto)")
-    a("--device", help="auto (default) | cpu | cuda | cuda:N | mps")
-    a("--compile", action="store_true", default=None, help="torch.compile the model (faster on a GPU after a warm-up)")
-    # watching it learn
-    a("--eval_interval", type=positive_int, help="evaluate and save last.pt every N steps (default 250)")
-    a("--eval_iters", type=positive_int, help="batches per evaluation estimate (default 20)")
-    a("--log_interval", type=positive_int, help="print a progress line every N steps (default 10)")
-    a("--sample_every", type=bpe.number_flag(int, 0),
-      help="print and log a short sample at every N-th evaluation (default 0: never)")
+    a("--device", type=device_flag, help="auto (default) | cpu | cuda | cuda:N | mps")
+    a("--compile", action="store_true", help="torch.compile the model (faster on a GPU after a warm-up)")
+    a("--eval_interval", type=count, help="evaluate and save last.pt every N steps (default 250)")
+    a("--eval_iters", type=count, help="batches per evaluation estimate (default 20)")
+    a("--log_interval", type=count, help="print a progress line every N steps (default 10)")
+    a("--sample_every", type=whole, help="print and log a short sample at every N-th evaluation (default 0: never)")
     a("--sample_prompt", help="its prompt (default: the first line of the validation text, 20 characters)")
-    a("--sample_tokens", type=positive_int, help="its length in tokens (default 60)")
-    # where it goes, and its randomness
-    a("--out_dir", help="checkpoint folder (default checkpoints/<model_type>)")
+    a("--sample_tokens", type=count, help="its length in tokens (default 60)")
+    a("--out_dir", type=bpe.folder_flag, help="the run folder (default checkpoints/<model_type>)")
     a("--seed", type=int, help="seed for weights, data order and dropout (default 1337)")
-    args = p.parse_args(argv)
-    if args.resume and args.init_from:
+    a("--resume", action="store_true", help="continue the run in --out_dir/last.pt, exactly")
+    a("--init_from", help="start a new run from this checkpoint's weights, shape and tokenizer")
+    given = vars(p.parse_args(argv))
+    resume, init_from = given.pop("resume", False), given.pop("init_from", None)
+    if resume and init_from:
         p.error("--resume continues out_dir's own run; --init_from starts a new one from another "
                 "checkpoint — use one of them")
-    if args.init_from and not args.out_dir:
+    if init_from and "out_dir" not in given:
         p.error("--init_from starts a new run: give it a folder of its own with --out_dir")
-    if args.resume and not args.out_dir:        # where to find last.pt (a fresh run's default
-        args.out_dir = os.path.join("checkpoints", args.model_type or "gpt-micro")   # is set later)
-    return args
+    return given, resume, init_from
+
+
+def resumed_settings(given, ckpt, path):
+    """--resume: last.pt's settings, with the flags of RESUME_MAY_CHANGE given anew."""
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    saved = {k: v for k, v in ckpt["train_args"].items() if k in fields}
+    saved.update({k: ckpt["model_config"][k] for k in MODEL_CONFIG_FLAGS})
+    changed = sorted(k for k, v in given.items() if k not in RESUME_MAY_CHANGE + ("out_dir",) and saved.get(k) != v)
+    if changed:
+        raise InputError(f"--resume goes on with the settings in {path}; --{changed[0]} cannot change "
+                         f"(it was {saved.get(changed[0])}) — leave it out, or start a new run; only "
+                         f"{', '.join('--' + k for k in RESUME_MAY_CHANGE)} can be given anew")
+    return Settings(**{**saved, **given})
+
+
+def started_settings(given, ckpt, path):
+    """--init_from: a new run's settings; the shape and the tokenizer are the checkpoint's."""
+    held = [k for k in FROM_CHECKPOINT if k in given]
+    if held:
+        raise InputError(f"--init_from takes --{held[0]} from {path} (with {', '.join(FROM_CHECKPOINT)}) "
+                         f"— leave it out")
+    context = ckpt["model_config"]["block_size"]
+    if given.get("block_size", context) > context:
+        raise InputError(f"--block_size {given['block_size']} is longer than the context of {path} "
+                         f"({context}): it can shrink, never grow")
+    model_type = ckpt["train_args"].get("model_type", Settings.model_type)
+    return new_settings(**{"block_size": context, **given, "model_type": model_type,
+                           "bias": ckpt["model_config"]["bias"]})
 
 
 def main(argv=None):
-    """python train.py [flags]: parse, then train (its errors become one line: bpe.run_command)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    train(parse_args(argv), argv)
+    """python train.py [flags]: parse, read the checkpoint a run begins from, train. Errors become
+    one line (bpe.run_command)."""
+    given, resume, init_from = parse_flags(sys.argv[1:] if argv is None else list(argv))
+    if resume:
+        path = pathlib.Path(given.get("out_dir") or new_settings(**given).out_dir) / "last.pt"
+        if not path.exists():
+            raise InputError(f"--resume, but there is no {path} — start without --resume, or give "
+                             f"the --out_dir of the run to continue")
+        ckpt = read_checkpoint(path, need=RESUME_KEYS)
+        train(resumed_settings(given, ckpt, path), resume=ckpt)
+    elif init_from:
+        ckpt = read_checkpoint(init_from)
+        train(started_settings(given, ckpt, init_from), start={**ckpt, "path": init_from})
+    else:
+        train(new_settings(**given))
 
 
 if __name__ == "__main__":
