@@ -8,14 +8,16 @@ What you will learn here, numbered as the section banners:
   3. the MLP (feed-forward) sub-layer;
   4. multi-head causal self-attention: one fused q/k/v projection, splitting into heads,
      merging back, and a KV cache that makes generation fast;
-  5. the transformer Block: pre-LayerNorm residual wiring of the two sub-layers.
+  5. the transformer Block: pre-LayerNorm residual wiring of the two sub-layers;
+  6. the modern block of Llama, Qwen and their kin: RMSNorm, rotary position embeddings (RoPE),
+     the SwiGLU MLP and grouped-query attention (GQA), wired like GPT-2's.
 Optional sections: none — every line here is the lesson.
 
 You need: Python and a little PyTorch (tensors, nn.Module). Nothing of ours comes before this.
 Next lesson: gpt.py stacks these Blocks into a whole language model.
 
 Shape legend used in comments: B batch, T time (sequence length), C channels (n_embd),
-H heads, D = C / H the width of one head.
+H heads, D = C / H the width of one head, Hkv key/value heads (section 6).
 """
 import math
 
@@ -192,6 +194,30 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]   # (B, H, end, D)
 
 
+def attend(q, k, v, dropout_p=0.0, flash=True):
+    """Causal attention of q (B, H, Tq, D) over k, v (B, Hkv, Tk, D) → (B, H, Tq, D).
+
+    Hkv = H, except in grouped-query attention (section 6), where each group of H / Hkv query
+    heads shares one key/value head. flash=True runs torch's fused kernel, flash=False our
+    written-out function: the same numbers (the tests check).
+    """
+    Tq, Tk, group = q.size(2), k.size(2), q.size(1) // k.size(1)
+    # torch's fused CPU kernel is slow in bfloat16 (torch 2.13; gpt-micro, block 64, forward +
+    # backward: 35 ms/iter fused, 26 ms written out), so a CPU in bfloat16 takes ours. At
+    # generation time (one query row) the two cost about the same, so the rule stays simple.
+    if flash and not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
+        # Same math as our function, fused into one kernel that never materialises the
+        # (Tq, Tk) score matrix (FlashAttention on CUDA). Its is_causal flag assumes Tq == Tk;
+        # for a cached block (Tq < Tk) we pass our offset mask instead, and for the single
+        # newest query (Tq == 1), which may see every key, no mask at all.
+        mask = causal_mask(Tq, Tk, device=q.device) if 1 < Tq < Tk else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                              is_causal=(Tq == Tk > 1), enable_gqa=group > 1)
+    if group > 1:                                                # each key/value head, once per
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # query head
+    return scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each token sees only itself and the tokens before it.
 
@@ -227,24 +253,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, H, C // H).transpose(1, 2)
         if cache is not None:
             k, v = cache.append(layer, k, v)                     # (B, H, T_cached + T, D)
-        p = self.attn_dropout_p if self.training else 0.0
-        Tq, Tk = q.size(2), k.size(2)
-        # torch's fused CPU kernel is slow in bfloat16 (torch 2.13; gpt-micro, block 64, forward +
-        # backward: 35 ms/iter fused, 26 ms written out), so a CPU in bfloat16 takes ours. At
-        # generation time (one query row) the two cost about the same, so the rule stays simple.
-        fused = self.flash and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
-        if fused:
-            # Same math as our function, fused into one kernel that never materialises the
-            # (Tq, Tk) score matrix (FlashAttention on CUDA). Its is_causal flag assumes
-            # Tq == Tk; for a cached block (Tq < Tk) we pass our offset mask instead.
-            if Tq == Tk or Tq == 1:
-                # Tq == 1: the single newest query may see every key, so no mask at all.
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=(Tq == Tk and Tq > 1))
-            else:
-                mask = causal_mask(Tq, Tk, device=x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        else:
-            y = scaled_dot_product_attention(q, k, v, causal=True, dropout_p=p)
+        y = attend(q, k, v, self.attn_dropout_p if self.training else 0.0, self.flash)
         y = y.transpose(1, 2).reshape(B, T, C)                   # (B, H, T, D) → (B, T, H·D): merge heads
         return self.resid_dropout(self.c_proj(y))
 
@@ -269,7 +278,147 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 
-    def forward(self, x, cache=None, layer=0):                   # (B, T, C) → (B, T, C)
+    def forward(self, x, cache=None, layer=0, rope=None):       # (B, T, C) → (B, T, C)
+        # (rope: the modern block's rotations, section 6; GPT-2 adds its positions to the input)
         x = x + self.attn(self.ln_1(x), cache=cache, layer=layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The modern block: RMSNorm, rotary positions, SwiGLU, grouped-query attention
+# ----------------------------------------------------------------------------------------------
+# The open models of today — Llama, Qwen, Mistral, DeepSeek — keep GPT-2's wiring (pre-norm
+# residual sub-layers) and change four parts, each a small idea:
+#   RMSNorm  normalise by the root mean square alone: no mean to subtract, no bias;
+#   RoPE     say where a token is by *rotating* its query and key, not by adding a learned vector
+#            to its input: q·k then depends only on how far apart the two tokens are;
+#   SwiGLU   a gated MLP: one half of the hidden layer decides how much of the other gets through;
+#   GQA      fewer key/value heads than query heads: a smaller KV cache, little loss in quality.
+# And no biases anywhere.
+
+def rms_norm(x, weight, eps=1e-5):
+    """y = x / √(mean(x²) + ε) · γ, over the last dimension (Zhang & Sennrich 2019).
+
+    LayerNorm's centring turns out not to matter; the rescaling to unit size does. So: one
+    statistic instead of two, and no β. ε guards against dividing by zero, as in layer_norm.
+    """
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain γ. forward() calls torch's fused F.rms_norm: exactly
+    rms_norm() above (the tests check), in one kernel."""
+
+    def __init__(self, ndim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))             # γ starts at 1: identity scale
+        self.eps = eps
+
+    def forward(self, x):                                        # (..., C) → (..., C)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+# Rotary position embeddings (Su et al. 2021). Cut a head's D numbers into D/2 pairs
+# (x_0, x_1), (x_2, x_3), … and read pair i as a point in a plane — as the complex number
+# z_i = x_2i + j·x_2i+1. At position m, turn pair i by the angle m·θ_i: multiply z_i by
+# e^(j·m·θ_i), a complex number of length 1. Turning q by mθ and k by nθ changes their dot
+# product exactly as turning k alone by (n − m)θ would (a rotation keeps lengths and angles:
+# R(a)ᵀR(b) = R(b − a)), so every score q_m·k_n depends on the tokens and on the distance n − m,
+# never on where in the text the two sit. θ_i = base^(−2i/D) with base 10000 runs from 1 radian
+# per position (pair 0: tells neighbours apart) down to 1/10000 (the last pair: changes over
+# thousands of positions). Only q and k turn, not v: position should decide where to look, not
+# what is carried.
+
+def rope_tables(head_dim, max_len, base=10000.0):
+    """cos(m·θ_i) and sin(m·θ_i) for every position m < max_len: two (max_len, D/2) tables."""
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)   # (D/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), theta)            # m·θ_i
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Turn every pair (x_2i, x_2i+1) of x (B, H, T, D) by its position's angle; cos, sin are the
+    (T, D/2) rows of those positions. As complex numbers the turn is one multiplication:
+    (a + jb)·(cos φ + j·sin φ) = (a·cos φ − b·sin φ) + j·(a·sin φ + b·cos φ)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B, H, T, D/2) complex
+    turned = pairs * torch.complex(cos, sin)                     # × e^(jmθ_i), broadcast over B, H
+    return torch.view_as_real(turned).flatten(-2).type_as(x)     # back to (B, H, T, D), x's dtype
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal self-attention with rotary positions and n_kv_head ≤ n_head key/value heads
+    (Ainslie et al. 2023): each group of n_head / n_kv_head query heads shares one key/value
+    head. n_kv_head = n_head is ordinary multi-head attention; the KV cache holds only the
+    n_kv_head heads, so it shrinks by the group size."""
+
+    def __init__(self, n_embd, n_head, n_kv_head=None, dropout=0.0, flash=True):
+        super().__init__()
+        self.n_head, self.n_kv_head = n_head, n_kv_head or n_head
+        assert n_embd % n_head == 0, f"n_embd ({n_embd}) must be divisible by n_head ({n_head})"
+        assert n_head % self.n_kv_head == 0, f"n_head ({n_head}) must be a multiple of n_kv_head"
+        self.attn_dropout_p, self.flash = dropout, flash
+        D = n_embd // n_head
+        # q for every head, k and v for the n_kv_head heads only: C → (H + 2·Hkv)·D at once
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * self.n_kv_head) * D, bias=False)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)      # a residual projection
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, rope, cache=None, layer=0):
+        """x: (B, T, C) → (B, T, C). rope: (cos, sin) of x's positions, (T, D/2) each."""
+        B, T, C = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, C // self.n_head
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)                   # (B, H, T, D)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)                 # (B, Hkv, T, D)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)        # positions enter here, q and k only
+        if cache is not None:
+            k, v = cache.append(layer, k, v)                     # (B, Hkv, T_cached + T, D)
+        y = attend(q, k, v, self.attn_dropout_p if self.training else 0.0, self.flash)
+        y = y.transpose(1, 2).reshape(B, T, C)                   # merge heads
+        return self.resid_dropout(self.c_proj(y))
+
+
+def silu(x):
+    """SiLU(x) = x·σ(x) (also "swish"): GELU's smooth cousin, with the logistic σ for Φ."""
+    return x * torch.sigmoid(x)
+
+
+class SwiGLU(nn.Module):
+    """W_down(SiLU(W_gate·x) ⊙ W_up·x) (Shazeer 2020): the gate, a function of the token itself,
+    decides element by element how much of W_up·x passes on.
+
+    Three matrices instead of two, so the hidden width shrinks from 4C to ~8C/3 to keep the
+    parameters (and FLOPs) of GPT-2's MLP: 3 · C · 8C/3 = 2 · C · 4C. Rounded up to a multiple
+    of 32, which matrix kernels like.
+    """
+
+    def __init__(self, n_embd, dropout=0.0):
+        super().__init__()
+        hidden = 32 * math.ceil(8 * n_embd / 3 / 32)
+        self.gate = nn.Linear(n_embd, hidden, bias=False)        # W_gate
+        self.up = nn.Linear(n_embd, hidden, bias=False)          # W_up
+        self.c_proj = nn.Linear(hidden, n_embd, bias=False)      # W_down, a residual projection
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):                                        # (B, T, C) → (B, T, C)
+        h = F.silu(self.gate(x)) * self.up(x)                    # (B, T, hidden); F.silu = silu(), fused
+        return self.dropout(self.c_proj(h))
+
+
+class LlamaBlock(nn.Module):
+    """x = x + attn(rms_1(x), rope);  x = x + mlp(rms_2(x)) — GPT-2's wiring, Llama's parts."""
+
+    def __init__(self, n_embd, n_head, n_kv_head=None, dropout=0.0, flash=True):
+        super().__init__()
+        self.ln_1 = RMSNorm(n_embd)
+        self.attn = GroupedQueryAttention(n_embd, n_head, n_kv_head, dropout=dropout, flash=flash)
+        self.ln_2 = RMSNorm(n_embd)
+        self.mlp = SwiGLU(n_embd, dropout=dropout)
+
+    def forward(self, x, cache=None, layer=0, rope=None):       # (B, T, C) → (B, T, C)
+        x = x + self.attn(self.ln_1(x), rope, cache=cache, layer=layer)
         x = x + self.mlp(self.ln_2(x))
         return x

@@ -2,18 +2,19 @@
 
 What you will learn here, numbered as the section banners:
   1. the model's few hyper-parameters (GPTConfig) and the standard sizes (PRESETS), from a
-     3-layer toy that trains in seconds on a laptop up to GPT-2 XL;
-  2. the GPT itself: token + position embeddings → n_layer Blocks → LayerNorm → a language-model
-     head that shares its matrix with the token embedding (weight tying); GPT-2's initialisation
-     and why the residual projections start smaller; the loss, cross-entropy of the next token
-     in nats per token;
+     3-layer toy that trains in seconds on a laptop up to GPT-2 XL — with GPT-2's block or the
+     modern (Llama-style) one;
+  2. the GPT itself: token (+ position) embeddings → n_layer Blocks → a final norm → a
+     language-model head that shares its matrix with the token embedding (weight tying); GPT-2's
+     initialisation and why the residual projections start smaller; the loss, cross-entropy of
+     the next token in nats per token;
   3. generation: temperature, top-k, top-p (nucleus) sampling, streamed one token at a time,
      with the KV cache from attention.py making each new token cheap;
   4. size and cost: counting parameters and FLOPs (for MFU, the share of the hardware's peak we
      use), and loading saved weights whatever wrapper (torch.compile, DDP) they were saved from.
 Optional sections: none — every line here is the lesson.
 
-You need: attention.py (Block, LayerNorm, KVCache).
+You need: attention.py (Block, LayerNorm, KVCache; LlamaBlock, RMSNorm, rope_tables).
 Next lesson: bpe.py — how text becomes the integer token ids this model reads.
 """
 import math
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import Block, KVCache, LayerNorm
+from attention import Block, KVCache, LayerNorm, LlamaBlock, RMSNorm, rope_tables
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,7 +54,9 @@ class GPTConfig:
     n_head: int = 4              # attention heads per Block
     n_embd: int = 128            # C: the width of every token's vector
     dropout: float = 0.0         # 0 for pre-training on plenty of data; 0.1–0.2 on small data
-    bias: bool = True            # biases in Linear layers and LayerNorms (GPT-2 had them)
+    bias: bool = True            # biases in Linear layers and LayerNorms (GPT-2's block only)
+    block: str = "gpt2"          # "gpt2": GPT-2's block; "llama": RMSNorm, RoPE, SwiGLU, GQA
+    n_kv_head: int = None        # the llama block's key/value heads (None: n_head, no grouping)
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -72,7 +75,11 @@ class GPTConfig:
 # ----------------------------------------------------------------------------------------------
 
 class GPT(nn.Module):
-    """idx (B, T) → wte + wpe (B, T, C) → n_layer Blocks → ln_f → lm_head → logits (B, T, vocab)."""
+    """idx (B, T) → wte (+ wpe) (B, T, C) → n_layer Blocks → ln_f → lm_head → logits (B, T, vocab).
+
+    block="gpt2": learned positions added to the input, LayerNorm, GPT-2's Block. block="llama":
+    no position table (the blocks rotate q and k instead), RMSNorm, attention.py's LlamaBlock.
+    """
 
     @staticmethod
     def _init_weights(module):
@@ -90,14 +97,23 @@ class GPT(nn.Module):
         C = config.n_embd
         # Token embedding: row i is the vector that stands for token id i.
         self.wte = nn.Embedding(config.vocab_size, C)
-        # Position embedding: attention itself is order-blind (a weighted *sum*), so each
-        # position 0 … block_size−1 gets a learned vector added to its token's vector.
-        self.wpe = nn.Embedding(config.block_size, C)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(
-            Block(C, config.n_head, dropout=config.dropout, bias=config.bias) for _ in range(config.n_layer)
-        )
-        self.ln_f = LayerNorm(C, bias=config.bias)   # pre-LN blocks leave the stream un-normalised
+        if config.block == "gpt2":
+            # Position embedding: attention itself is order-blind (a weighted *sum*), so each
+            # position 0 … block_size−1 gets a learned vector added to its token's vector.
+            self.wpe = nn.Embedding(config.block_size, C)
+            self.blocks = nn.ModuleList(Block(C, config.n_head, dropout=config.dropout, bias=config.bias)
+                                        for _ in range(config.n_layer))
+            self.ln_f = LayerNorm(C, bias=config.bias)   # pre-LN blocks leave the stream un-normalised
+        else:
+            # The rotations of every position, computed once and shared by all blocks; a buffer
+            # (it moves with .to(device)) that is not saved: it follows from the config alone.
+            cos, sin = rope_tables(C // config.n_head, config.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)    # (block_size, D/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+            self.blocks = nn.ModuleList(LlamaBlock(C, config.n_head, config.n_kv_head, dropout=config.dropout)
+                                        for _ in range(config.n_layer))
+            self.ln_f = RMSNorm(C)
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017): the output layer scores token i by a dot product with
         # the same vector that embeds token i. It saves vocab_size × C parameters — most of a
@@ -121,10 +137,15 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
                              f"{self.config.block_size}; crop it to the last {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))             # (B, T, C) + (T, C) broadcast
+        x = self.wte(idx)                                        # (B, T, C)
+        rope = None
+        if self.config.block == "gpt2":
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))   # + (T, C) broadcast
+        else:                                                    # the angles of positions start …
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])   # start + T − 1
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=cache, layer=i)                   # (B, T, C)
+            x = block(x, cache=cache, layer=i, rope=rope)        # (B, T, C)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None):
@@ -215,8 +236,8 @@ class GPT(nn.Module):
                 # the context, the window slides one token per step — and since position
                 # embeddings are added at the input, every cached key/value was computed for
                 # a position that has now shifted by one. A slid cache would be wrong, so we
-                # recompute the window, exactly like the no-cache path. (Models with relative
-                # positions, e.g. rotary embeddings, can slide their cache instead.)
+                # recompute the window, exactly like the no-cache path. (Rotary positions are
+                # relative and would allow sliding; the llama block keeps the same rule.)
                 cache = KVCache(self.config.n_layer, block_size)
                 x = self.hidden_states(idx[:, -block_size:], cache=cache)
             else:
@@ -241,11 +262,12 @@ class GPT(nn.Module):
     def num_params(self, non_embedding=True):
         """Number of parameters (the tied head counted once).
 
-        non_embedding=True leaves out the position table, which does no arithmetic. The token
-        table stays in: through weight tying it is also the output layer's matrix, a real matmul.
+        non_embedding=True leaves out the position table (the llama block has none), which does no
+        arithmetic. The token table stays in: through weight tying it is also the output layer's
+        matrix, a real matmul.
         """
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and self.config.block == "gpt2":
             n -= self.wpe.weight.numel()
         return n
 
@@ -257,6 +279,7 @@ class GPT(nn.Module):
         6 FLOPs per parameter, so 6N. Attention's q·kᵀ and weights·v are matmuls with no
         parameters: per layer and token each costs 2·T·C forward, so 3 × 2 × 2·T·C = 12·T·C
         with the backward. Total: 6N + 12·n_layer·C·T (Kaplan et al. 2020, appendix; PaLM's MFU).
+        The same for the llama block: its query heads still add up to C, grouped or not.
         """
         T = self.config.block_size if T is None else T
         cfg = self.config

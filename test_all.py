@@ -45,6 +45,7 @@ import data
 import sample
 import train
 from attention import Block, CausalSelfAttention, KVCache, LayerNorm, causal_mask, gelu, gelu_tanh, layer_norm
+from attention import GroupedQueryAttention, RMSNorm, apply_rope, attend, rms_norm, rope_tables, silu
 from attention import scaled_dot_product_attention
 from gpt import GPT, PRESETS, GPTConfig
 
@@ -251,6 +252,75 @@ def test_attention_rejects_a_width_not_divisible_by_heads():
         CausalSelfAttention(10, 3)
 
 
+# ---- the modern block --------------------------------------------------------------------------
+
+def test_rms_norm_equals_torch_functional_rms_norm():
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 32, dtype=torch.float64) * 3 + 1
+    w = torch.randn(32, dtype=torch.float64)
+    assert torch.allclose(rms_norm(x, w), F.rms_norm(x, (32,), w, 1e-5), atol=1e-12)
+    module = RMSNorm(32).double()
+    with torch.no_grad():
+        module.weight.copy_(w)
+    assert torch.allclose(module(x), rms_norm(x, w), atol=1e-12)
+
+
+def test_silu_equals_torch_silu():
+    x = torch.linspace(-8, 8, 2001, dtype=torch.float64)
+    assert torch.allclose(silu(x), F.silu(x), atol=1e-12)
+
+
+def test_rope_turns_each_pair_by_position_times_frequency():
+    # Reference in real arithmetic: pair i of a head, (x_2i, x_2i+1), times the 2 × 2 rotation
+    # matrix of angle m·θ_i at position m, θ_i = 10000^(−2i/D), all in float64.
+    B, H, T, D = 2, 3, 11, 16
+    x = torch.randn(B, H, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    theta = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * theta                   # (T, D/2)
+    rotation = torch.stack([torch.stack([angle.cos(), -angle.sin()], -1),
+                            torch.stack([angle.sin(), angle.cos()], -1)], -2)        # (T, D/2, 2, 2)
+    expected = torch.einsum("tiuv,zhtiv->zhtiu", rotation, x.view(B, H, T, D // 2, 2)).reshape(B, H, T, D)
+    cos, sin = rope_tables(D, T)
+    assert torch.allclose(apply_rope(x, cos, sin), expected, atol=1e-5)
+    assert torch.allclose(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))     # a rotation
+
+
+def test_rope_scores_depend_only_on_the_distance_between_positions():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 2, 1, 32, generator=g), torch.randn(1, 2, 1, 32, generator=g)
+    cos, sin = rope_tables(32, 400)
+
+    def score(m, n):                              # q at position m, k at position n
+        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) * apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum()
+
+    for m, n, shift in [(3, 7, 100), (50, 2, 333), (0, 0, 17)]:
+        assert torch.allclose(score(m, n), score(m + shift, n + shift), atol=1e-4)
+    assert not torch.allclose(score(3, 7), score(3, 8), atol=1e-3)
+
+
+def test_grouped_query_attention_with_one_kv_head_per_query_head_is_todays_attention():
+    # With every rotation at angle 0 (cos 1, sin 0) and n_kv_head = n_head, the llama block's
+    # attention must be GPT-2's attention without biases, weight for weight.
+    torch.manual_seed(0)
+    gpt2_attention = CausalSelfAttention(64, 4, bias=False).eval()
+    grouped = GroupedQueryAttention(64, 4, n_kv_head=4).eval()
+    grouped.load_state_dict(gpt2_attention.state_dict())
+    x = torch.randn(2, 9, 64)
+    still = (torch.ones(9, 8), torch.zeros(9, 8))
+    assert torch.allclose(grouped(x, still), gpt2_attention(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(7, 7), (3, 11), (1, 9)])
+def test_written_out_grouped_query_attention_equals_sdpa_with_enable_gqa(Tq, Tk):
+    g = torch.Generator().manual_seed(Tq * 10 + Tk)
+    q = torch.randn(2, 6, Tq, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, Tk, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = reference_causal_mask(Tq, Tk)
+    torch_out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    for flash in (False, True):
+        assert (attend(q, k, v, flash=flash) - torch_out).abs().max() < 1e-10
+
+
 # ==============================================================================================
 # gpt.py
 # ==============================================================================================
@@ -326,8 +396,9 @@ def test_a_sequence_longer_than_block_size_is_refused_with_a_clear_error():
         tiny_gpt()(torch.zeros(1, 33, dtype=torch.long))
 
 
-def test_cached_forward_gives_the_same_logits_as_a_full_recompute():
-    model = tiny_gpt().eval()
+@pytest.mark.parametrize("block", ["gpt2", "llama"])
+def test_cached_forward_gives_the_same_logits_as_a_full_recompute(block):
+    model = tiny_gpt(block=block, n_kv_head=1 if block == "llama" else None).eval()
     idx = torch.randint(0, 64, (2, 25))
     full, _ = model(idx, torch.zeros_like(idx))
     cache = KVCache(model.config.n_layer, 32)
@@ -337,8 +408,9 @@ def test_cached_forward_gives_the_same_logits_as_a_full_recompute():
         assert (step[:, 0] - full[:, t]).abs().max() < 1e-5
 
 
-def test_kv_cache_gives_the_same_greedy_tokens_as_recompute_past_block_size():
-    model = tiny_gpt(seed=3, block_size=16).eval()
+@pytest.mark.parametrize("block", ["gpt2", "llama"])
+def test_kv_cache_gives_the_same_greedy_tokens_as_recompute_past_block_size(block):
+    model = tiny_gpt(seed=3, block_size=16, block=block).eval()
     prompt = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
     with_cache = model.generate(prompt, 40, temperature=0, use_cache=True)    # 45 > 16
     without = model.generate(prompt, 40, temperature=0, use_cache=False)
@@ -453,6 +525,20 @@ def test_the_same_seed_gives_the_same_sample():
     assert not torch.equal(sample_with(42), sample_with(43))
 
 
+def test_the_llama_block_has_no_position_table_and_a_smaller_kv_cache():
+    model = tiny_gpt(block="llama", n_kv_head=1).eval()           # 3 query heads, 1 key/value head
+    assert not hasattr(model, "wpe") and not any(name.endswith("bias") for name, _ in model.named_parameters())
+    cache = KVCache(model.config.n_layer, 32)
+    model(torch.randint(0, 64, (1, 5)), cache=cache)
+    assert cache.keys[0].shape == (1, 1, 32, 16)                  # (B, Hkv, max_len, D)
+    assert model.num_params() == model.num_params(non_embedding=False)
+
+
+def test_a_config_without_the_block_field_is_gpt2s():
+    saved = {k: v for k, v in tiny_gpt().config.to_dict().items() if k not in ("block", "n_kv_head")}
+    assert GPTConfig(**saved).block == "gpt2" and hasattr(GPT(GPTConfig(**saved)), "wpe")
+
+
 def test_gpt_nano_overfits_one_fixed_batch():
     model = tiny_gpt(seed=0)
     g = torch.Generator().manual_seed(0)
@@ -469,11 +555,12 @@ def test_gpt_nano_overfits_one_fixed_batch():
     assert loss.item() < 0.05, f"loss still {loss.item():.3f} after {step + 1} steps"
 
 
-def test_flops_per_token_matches_torchs_flop_counter():
+@pytest.mark.parametrize("block,n_kv_head", [("gpt2", None), ("llama", None), ("llama", 1)])
+def test_flops_per_token_matches_torchs_flop_counter(block, n_kv_head):
     # torch counts the matmuls of a real forward + backward (the written-out attention's q·kᵀ
-    # and weights·v included). 6N also counts the LayerNorm gains as if they were matmul
+    # and weights·v included). 6N also counts the norms' gains as if they were matmul
     # weights — the only difference, and exactly 6 FLOPs per gain per token.
-    model = tiny_gpt(seed=0, bias=False)
+    model = tiny_gpt(seed=0, bias=False, block=block, n_kv_head=n_kv_head)
     for block in model.blocks:
         block.attn.flash = False
     x = torch.randint(0, 64, (2, 32))
@@ -1460,6 +1547,39 @@ def test_gradient_accumulation_gives_the_same_gradients_as_one_big_batch():
     assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
 
 
+@pytest.mark.parametrize("shape", [(48, 144), (144, 48), (64, 64)])
+def test_our_muon_takes_exactly_torchs_muon_steps(shape):
+    g = torch.Generator().manual_seed(shape[0])
+    ours, theirs = (torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(1)))
+                    for _ in range(2))
+    steps = [train.Muon([ours], lr=0.02, momentum=0.95, weight_decay=0.1),
+             torch.optim.Muon([theirs], lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True)]
+    start = ours.detach().clone()
+    for _ in range(4):
+        gradient = torch.randn(*shape, generator=g)
+        for p, optimizer in zip((ours, theirs), steps):
+            p.grad = gradient.clone()
+            optimizer.step()
+    assert torch.equal(ours, theirs) and not torch.allclose(ours, start)
+
+
+def test_orthogonalise_sets_every_singular_value_near_one():
+    G = torch.randn(96, 32, generator=torch.Generator().manual_seed(0)) * torch.logspace(-1, 1, 32)
+    assert torch.linalg.cond(G) > 100                                   # singular values 100× apart …
+    s = torch.linalg.svdvals(train.orthogonalise(G).float())
+    assert s.shape == (32,) and 0.5 < s.min() and s.max() < 1.5        # … all brought near 1
+
+
+def test_muon_drives_the_blocks_matrices_and_adamw_the_rest():
+    model = tiny_gpt(block="llama")
+    muon, adamw = train.make_optimizers(model, train.new_settings(optimizer="muon", block="llama"))
+    hidden = {id(p) for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2}
+    assert {id(p) for group in muon.param_groups for p in group["params"]} == hidden
+    rest = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert id(model.wte.weight) in rest and not rest & hidden
+    assert len(rest | hidden) == len(list(model.parameters()))
+
+
 def test_gradient_accumulation_steps_is_another_name_for_grad_accum():
     given, _, _ = train.parse_flags(["--gradient_accumulation_steps", "4"])
     assert given == {"grad_accum": 4}
@@ -1489,6 +1609,19 @@ def test_float16_resume_restores_the_grad_scaler_exactly(corpus, tmp_path):
     assert a is not None and a == b                # scale and growth tracker (40 clean steps)
     assert a["_growth_tracker"] == 40 and all(math.isfinite(loss) for _, loss in train_losses(halves))
     assert train_losses(straight) == train_losses(halves)
+
+
+def test_the_llama_block_and_muon_resume_exactly_too(corpus, tmp_path):
+    common = ("--block", "llama", "--n_kv_head", "1", "--optimizer", "muon", "--dropout", "0.1",
+              "--lr_decay_iters", "20")
+    straight = train_ok(corpus, tmp_path / "straight", "--max_iters", "20", *common)
+    halves = train_ok(corpus, tmp_path / "halves", "--max_iters", "10", *common)
+    code, _, err = run("train.py", "--resume", "--out_dir", halves, "--max_iters", "20")
+    assert code == 0, err
+    a, b = load_ckpt(straight / "last.pt"), load_ckpt(halves / "last.pt")
+    assert a["model_config"]["block"] == "llama" and len(a["optimizer"]) == 2     # Muon, AdamW
+    assert train_losses(straight) == train_losses(halves)
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
 
 
 def test_checkpoints_hold_the_documented_keys_and_load_with_weights_only(corpus, tmp_path):
@@ -1880,6 +2013,13 @@ def bpe_checkpoint(zh_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def llama_checkpoint(zh_corpus, tmp_path_factory):
+    return trained_checkpoint(zh_corpus, tmp_path_factory.mktemp("llama") / "run", "--tokenizer", "bpe",
+                              "--vocab_size", "320", "--max_iters", "8", "--block", "llama", "--n_kv_head", "1",
+                              "--optimizer", "muon")
+
+
+@pytest.fixture(scope="module")
 def byte_checkpoint(tmp_path_factory):
     """A gpt-nano with a vocabulary of single bytes (every Han character and emoji is split
     across tokens), trained until it knows its text by heart."""
@@ -1985,6 +2125,20 @@ def test_greedy_output_is_the_same_with_and_without_the_kv_cache(bpe_checkpoint)
     runs = [list(sample.stream_text(model, enc, ids, 60, temperature=0, use_cache=c, stop_at_eot=False))
             for c in (True, False)]
     assert "".join(runs[0]) == "".join(runs[1])
+
+
+@pytest.mark.parametrize("cache", [[], ["--no_cache"]])
+def test_sample_cli_streams_from_a_llama_checkpoint_with_and_without_the_cache(llama_checkpoint, cache):
+    model, enc, ckpt = sample.load_checkpoint(llama_checkpoint)
+    assert ckpt["model_config"]["block"] == "llama"
+    code, out, err = run("sample.py", "--checkpoint", llama_checkpoint, "--prompt", "人工智能", "--temperature", 0,
+                         "--max_new_tokens", 60, *cache)            # 60 > block_size 32: the window slides
+    assert code == 0, err
+    # the streamed text is the whole continuation decoded at once: no character broken on the way
+    ids = enc.encode("人工智能")
+    new = model.generate(torch.tensor([ids]), 60, temperature=0, use_cache=False)[0, len(ids):].tolist()
+    eot = new.index(enc.eot_token) if enc.eot_token in new else len(new)
+    assert out == "人工智能" + enc.decode(new[:eot]) + "\n\n"
 
 
 def test_the_no_cache_flag_gives_the_same_greedy_text(bpe_checkpoint):

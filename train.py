@@ -4,8 +4,8 @@ What you will learn here, numbered as the section banners:
   1. the settings of a run, each with its default, and the defaults each model size trains with;
   2. device and precision: CUDA / MPS / CPU, bfloat16 or float16 autocast, and why float16 needs
      a GradScaler while bfloat16 does not;
-  3. the optimizer (AdamW, weight decay only on matrices) and the learning-rate schedule (linear
-     warm-up, then cosine decay);
+  3. the optimizers — AdamW (weight decay only on matrices), and Muon, which orthogonalises each
+     hidden matrix's update — and the learning-rate schedule (linear warm-up, then cosine decay);
   4. one optimisation step: gradient accumulation over micro-batches, unscaling, clipping;
   5. evaluation in nats/token, perplexity and bits per byte (comparable across tokenizers);
   6. the checkpoint: one function builds it and says who reads each key; putting it back so a
@@ -57,9 +57,9 @@ from gpt import GPT, PRESETS, GPTConfig, strip_wrapper_prefixes
 # ----------------------------------------------------------------------------------------------
 # 1. Settings and defaults
 # ----------------------------------------------------------------------------------------------
-# Every setting of a run, with its default; the command line (section 11) has a flag for each,
-# `--name value`, and a checkpoint stores them all, so that --resume goes on with exactly these.
-# A default of None means "the model size's own" (PRESET_DEFAULTS below) or is explained beside it.
+# Every setting of a run, with its default; the command line has a flag for each (`--name value`),
+# and a checkpoint stores them all, so that --resume goes on with exactly these. A default of None
+# means "the model size's own" (PRESET_DEFAULTS below) or is explained beside it.
 
 @dataclasses.dataclass
 class Settings:
@@ -72,15 +72,19 @@ class Settings:
     max_mb: float = None                    # use only this many MB of the text (None: all of it)
     num_proc: int = None                    # tokenizing threads (None: every core)
     # the model
+    block: str = "gpt2"                     # "gpt2" (GPT-2's block) or "llama" (attention.py section 6)
+    n_kv_head: int = None                   # the llama block's key/value heads (None: one per head)
     block_size: int = None                  # context in tokens
     dropout: float = 0.0                    # 0 for pre-training on plenty of data; 0.1–0.2 on little
-    bias: bool = True                       # biases in Linear layers and LayerNorms (GPT-2 had them)
+    bias: bool = True                       # biases in Linear layers and LayerNorms (GPT-2's block)
     # how long, in what batches, at what learning rate
     max_iters: int = None                   # optimizer steps; None with epochs: epochs decide
     epochs: float = None                    # passes over the training tokens
     batch_size: int = None                  # sequences per micro-batch, per process
     grad_accum: int = 1                     # micro-batches per optimizer step
-    lr: float = None                        # peak learning rate
+    optimizer: str = "adamw"                # "adamw", or "muon" for the blocks' matrices (+ AdamW)
+    lr: float = None                        # peak learning rate (AdamW's)
+    muon_lr: float = 0.02                   # Muon's peak learning rate
     min_lr: float = None                    # the end of the cosine (None: lr / 10)
     warmup_iters: int = None                # steps of linear warm-up
     lr_decay_iters: int = None              # the cosine's length (None: the whole run)
@@ -135,7 +139,7 @@ def new_settings(**given):
 
 def pick_device(name="auto"):
     """'auto' → an NVIDIA GPU (cuda), then Apple's (mps), then the CPU; other names as they are
-    (the command line has checked them: section 11). sample.py uses this too."""
+    (the command line's device_flag checked them). sample.py uses this too."""
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -148,7 +152,7 @@ def pick_dtype(name, device):
 
     bfloat16 keeps float32's 8 exponent bits (same range, fewer digits), so gradients never
     underflow. float16 has only 5 exponent bits: small gradients round to 0, which is why it
-    needs a GradScaler (section 4).
+    needs a GradScaler (see optimizer_step).
     """
     if name != "auto":
         return name
@@ -168,13 +172,12 @@ def autocast_context(device, dtype):
 # 3. Optimizer and learning-rate schedule
 # ----------------------------------------------------------------------------------------------
 
-def make_optimizer(model, settings):
+def make_adamw(params, settings):
     """AdamW with weight decay on 2-D weights (matmuls, embeddings) only.
 
     Decay pulls weights towards 0, a regulariser for the matrices that do the work; biases and
-    LayerNorm gains are few, scale-setting parameters, and decaying them only hurts.
+    norm gains are few, scale-setting parameters, and decaying them only hurts.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -185,6 +188,66 @@ def make_optimizer(model, settings):
         return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2), fused=True)
     except (RuntimeError, TypeError):                          # older torch, or MPS
         return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2))
+
+
+# Muon (Jordan et al. 2024, "MomentUm Orthogonalized by Newton-schulz") for the hidden matrices.
+# A gradient matrix G = U·S·Vᵀ is dominated by a few directions with large singular values; Adam
+# and SGD move the weights mostly along those. Muon replaces G by U·Vᵀ — every singular value set
+# to 1 — so each step moves the matrix the same amount in every direction it has signal in.
+# U·Vᵀ comes from a few Newton–Schulz iterations X ← a·X + b·(XXᵀ)X + c·(XXᵀ)²X — matmuls only —
+# which push every singular value of X (first scaled to at most 1) towards 1; the coefficients
+# (3.4445, −4.7750, 2.0315) are tuned to get there in 5 steps, roughly (values end between about
+# 0.5 and 1.5, which trains just as well). bfloat16 is precise enough for that.
+# Embeddings, the output layer and the gains are no hidden matrices: they stay with AdamW.
+
+def orthogonalise(G, steps=5):
+    """≈ U·Vᵀ for G = U·S·Vᵀ (2-D), by Newton–Schulz iterations, in bfloat16."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = X.size(0) > X.size(1)
+    if tall:
+        X = X.T                                  # iterate on the wide side: XXᵀ is the small one
+    X = X / X.norm().clamp(min=1e-7)             # ‖X‖_F ≥ its largest singular value: now all ≤ 1
+    for _ in range(steps):
+        # torch.addmm(M, P, Q, beta=β, alpha=α) = β·M + α·P@Q in one kernel, rounded once
+        A = X @ X.T                              # (rows, rows)
+        B = torch.addmm(A, A, A, beta=b, alpha=c)             # b·A + c·A²
+        X = torch.addmm(X, B, X, beta=a)         # a·X + B·X: each singular value s → a·s + b·s³ + c·s⁵
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then each update orthogonalised; for 2-D weights only."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                m.lerp_(p.grad, 1 - mu)                  # m ← μ·m + (1 − μ)·g: recent gradients
+                update = orthogonalise(p.grad.lerp(m, mu))   # Nesterov: (1 − μ)·g + μ·m, a step ahead
+                p.mul_(1 - lr * group["weight_decay"])   # decoupled weight decay, as AdamW's
+                # U·Vᵀ of a (rows, cols) matrix has entries of size ~1/√max(rows, cols); a tall
+                # matrix gets √(rows/cols) more, so that every matrix moves alike per step.
+                p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
+
+
+def make_optimizers(model, settings):
+    """[AdamW] for every weight — or, with --optimizer muon, [Muon for the blocks' matrices,
+    AdamW for the embedding (which is also the output layer), gains and biases]."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if settings.optimizer != "muon":
+        return [make_adamw([p for _, p in named], settings)]
+    hidden = [p for name, p in named if name.startswith("blocks.") and p.dim() == 2]
+    rest = [p for name, p in named if not (name.startswith("blocks.") and p.dim() == 2)]
+    muon = Muon(hidden, lr=settings.muon_lr, weight_decay=settings.weight_decay)
+    return [muon, make_adamw(rest, settings)]
 
 
 def learning_rate(it, settings, total_iters):
@@ -234,17 +297,19 @@ def forward_backward(model, next_batch, grad_accum, autocast_ctx, scaler, ddp=Fa
     return total
 
 
-def optimizer_step(model, optimizer, scaler, grad_clip):
+def optimizer_step(model, optimizers, scaler, grad_clip):
     """Unscale, clip, step, update the scale. Returns (grad norm, whether the step was taken)."""
     # Clipping must see the true gradients, so unscale first (a no-op without float16).
-    scaler.unscale_(optimizer)
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     scale_before = scaler.get_scale()
     # With float16 an inf/NaN gradient means the scale was too high: the scaler skips the step
     # and halves S. With bfloat16/float32 the scaler is disabled and always steps.
-    scaler.step(optimizer)
+    for optimizer in optimizers:
+        scaler.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
     stepped = not scaler.is_enabled() or scaler.get_scale() >= scale_before
     return norm, stepped
 
@@ -292,7 +357,7 @@ def bits_per_byte(nats_per_token, tokens, n_bytes):
 # checkpoint downloaded from a stranger could take over the machine; weights_only refuses that,
 # which is why nothing in ours is a class. make_checkpoint lists every key and who reads it.
 
-MODEL_CONFIG_FLAGS = ("block_size", "dropout", "bias")   # settings kept in model_config, not train_args
+MODEL_CONFIG_FLAGS = ("block", "n_kv_head", "block_size", "dropout", "bias")   # kept in model_config
 
 
 def make_checkpoint(run):
@@ -302,7 +367,7 @@ def make_checkpoint(run):
     model          the bare GPT's weights (a state dict)                 sample.py, --resume, --init_from
     model_config   GPTConfig's fields: the model's shape                 sample.py, --resume, --init_from
     tokenizer      bpe.tokenizer_entry: a name, or our BPE whole         sample.py, --resume, --init_from
-    optimizer      AdamW's moments and step counts                       --resume
+    optimizer      each optimizer's state (AdamW's moments, Muon's momentum)  --resume
     scaler         the float16 GradScaler's state, or None               --resume
     iter_num       optimizer steps taken                                 --resume; --init_from records it
     best_val_loss  the lowest val loss so far, nats/token                --resume
@@ -318,7 +383,7 @@ def make_checkpoint(run):
         "model": run.model.state_dict(),
         "model_config": run.model.config.to_dict(),
         "tokenizer": run.tokenizer_entry,
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": [optimizer.state_dict() for optimizer in run.optimizers],
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "iter_num": run.iter_num,
         "best_val_loss": run.best_val_loss,
@@ -365,7 +430,9 @@ def build_model(ckpt, path, **changes):
 def restore(run, ckpt):
     """--resume: put back everything make_checkpoint saved, so the run continues exactly."""
     run.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]   # (older: one)
+    for optimizer, state in zip(run.optimizers, states):
+        optimizer.load_state_dict(state)
     if ckpt["scaler"] is not None:
         run.scaler.load_state_dict(ckpt["scaler"])
     run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -382,7 +449,7 @@ def restore(run, ckpt):
 # ----------------------------------------------------------------------------------------------
 # 7. The run
 # ----------------------------------------------------------------------------------------------
-# The loop calls into three optional sections: progress lines and samples (section 8), the run
+# The loop calls into the optional sections: progress lines and samples (section 8), the run
 # folder and clean stops (section 9), and several processes (section 10). Each name says what it
 # does, so a first reading can take them on trust.
 
@@ -398,7 +465,7 @@ class Run:
     tokens: dict                             # {"train": tensor, "val": tensor}, mapped from disk
     batches: data.BatchIterator
     model: GPT                               # the bare model: what we save and sample from
-    optimizer: torch.optim.Optimizer
+    optimizers: list                         # [AdamW], or [Muon, AdamW]
     scaler: torch.amp.GradScaler
     tokenizer_entry: dict
     total_iters: int
@@ -461,11 +528,12 @@ def start_run(settings, resume, start):
     else:
         model = GPT(GPTConfig.from_preset(settings.model_type, vocab_size=meta["vocab_size"],
                                           block_size=settings.block_size, dropout=settings.dropout,
-                                          bias=bool(settings.bias)))
-    optimizer = make_optimizer(model.to(device), settings)
+                                          bias=bool(settings.bias), block=settings.block,
+                                          n_kv_head=settings.n_kv_head))
+    optimizers = make_optimizers(model.to(device), settings)
     # The scaler is only active for float16; for other dtypes every call passes straight through.
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
-    run = Run(settings, device, dtype, rank, world, meta, tokens, batches, model, optimizer, scaler,
+    run = Run(settings, device, dtype, rank, world, meta, tokens, batches, model, optimizers, scaler,
               bpe.tokenizer_entry(tokenizer), total_iters=count_iters(settings, batches),
               init_from={"path": str(start["path"]), "iter_num": start["iter_num"]} if start else None)
     if resume is not None:
@@ -509,11 +577,12 @@ def train(settings, resume=None, start=None):
                     break
                 # one optimisation step
                 lr = learning_rate(run.iter_num, settings, run.total_iters)
-                for group in run.optimizer.param_groups:          # AdamW reads its rate here
-                    group["lr"] = lr
+                for optimizer in run.optimizers:                  # each reads its rate here:
+                    for group in optimizer.param_groups:          # AdamW's lr, Muon's in proportion
+                        group["lr"] = lr * (settings.muon_lr / settings.lr if isinstance(optimizer, Muon) else 1)
                 loss = forward_backward(wrapped, run.batches.next_batch, settings.grad_accum,
                                         autocast_ctx, run.scaler, ddp=run.world > 1)
-                norm, stepped = optimizer_step(wrapped, run.optimizer, run.scaler, settings.grad_clip)
+                norm, stepped = optimizer_step(wrapped, run.optimizers, run.scaler, settings.grad_clip)
                 loss = loss.item()               # waits for the GPU: once per step
                 stopping = stop.requested
                 if run.world > 1:                # every rank must agree to stop
@@ -631,14 +700,6 @@ def append_log(run, record):
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def format_duration(seconds):
-    """1h05m or 4m09s: an ETA a person reads at a glance."""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def log_progress(run, loss, lr, norm, stepped):
     """Every log_interval steps: loss, learning rate, tokens/s, MFU (on a known GPU), ETA.
 
@@ -657,10 +718,10 @@ def log_progress(run, loss, lr, norm, stepped):
     # MFU = achieved FLOP/s ÷ the GPU's peak: (6N + 12·L·C·T) FLOPs per token × tokens/s.
     peak = gpu_peak_flops(run.device)
     mfu = run.model.flops_per_token() * tokens_per_s / run.world / peak if peak else None
-    eta = (run.total_iters - run.iter_num) * dt
+    eta_minutes = (run.total_iters - run.iter_num) * dt / 60
     print(f"iter {run.iter_num}/{run.total_iters} | epoch {run.batches.epoch} | loss {loss:.4f} | "
           f"lr {lr:.2e} | {tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu else "") +
-          ("" if stepped else " | fp16 step skipped") + f" | ETA {format_duration(eta)}", flush=True)
+          ("" if stepped else " | fp16 step skipped") + f" | ETA {eta_minutes:.1f} min", flush=True)
     append_log(run, {"type": "train", "iter": run.iter_num, "epoch": run.batches.epoch, "loss": loss,
                      "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s, "mfu": mfu,
                      "step_skipped": not stepped})
@@ -783,25 +844,20 @@ def claim_out_dir(out_dir, resume):
 
 def take_lock(path):
     """Create the lock file exclusively (O_EXCL: of two processes trying at once, exactly one
-    succeeds), holding "host pid". A lock whose process is gone (killed with SIGKILL, the machine
-    rebooted) is taken over, with a note; so is an empty one older than a minute (a process
-    killed between creating the file and writing it)."""
-    me = f"{socket.gethostname()} {os.getpid()}"
+    succeeds), holding "host pid". A lock whose process has ended (killed with SIGKILL, the machine
+    rebooted) is taken over, with a note."""
     while True:                              # again only after a lock went away or was stale
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.write(fd, me.encode())
-            os.close(fd)
+            with open(path, "x") as f:       # "x": create, or fail if it exists
+                f.write(f"{socket.gethostname()} {os.getpid()}")
             return
         except FileExistsError:
             pass
         try:
-            holder, age = path.read_text(errors="replace").split(), time.time() - path.stat().st_mtime
+            host, pid = (path.read_text(errors="replace").split() + ["?", "?"])[:2]
         except FileNotFoundError:
             continue                             # it went away meanwhile: try again
-        host, pid = holder[:2] if len(holder) >= 2 else ("?", "?")
-        gone = host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
-        if gone or (not holder and age > 60):
+        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
             print(f"note: {path} was left by a process that has ended; taking it over", file=sys.stderr)
             path.unlink(missing_ok=True)
             continue
@@ -810,13 +866,13 @@ def take_lock(path):
 
 
 def process_alive(pid):
-    """Whether a process with this id runs on this machine."""
+    """Whether a process with this id runs on this machine (signal 0 only asks "do you exist?")."""
     try:
-        os.kill(pid, 0)                                      # signal 0: only asks "does it exist?"
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True                                          # it exists, under another user
+    except PermissionError:                  # it exists, under another user
+        pass
     return True
 
 
@@ -959,7 +1015,7 @@ def leave_distributed():
 
 RESUME_MAY_CHANGE = ("max_iters", "epochs", "eval_interval", "eval_iters", "log_interval", "sample_every",
                      "sample_prompt", "sample_tokens", "device", "compile", "num_proc")
-FROM_CHECKPOINT = ("model_type", "tokenizer", "vocab_size", "bias")
+FROM_CHECKPOINT = ("model_type", "tokenizer", "vocab_size", "block", "n_kv_head", "bias")
 TRAIN_HINT = "python train.py --model_type gpt-micro --dataset chinese"
 RESUME_KEYS = ("model", "model_config", "tokenizer", "optimizer", "scaler", "iter_num", "best_val_loss",
                "train_args", "rng", "data_state", "history", "init_from")   # what --resume reads
@@ -1027,6 +1083,8 @@ def parse_flags(argv):
     a("--data_dir", type=bpe.folder_flag, help="where raw downloads and token files live (default data)")
     a("--max_mb", type=bpe.MAX_MB_FLAG, help="tokenize at most this many MB of text (quick first runs)")
     a("--num_proc", type=count, help="tokenizing threads (default: all cores)")
+    a("--block", choices=["gpt2", "llama"], help="GPT-2's block, or Llama's: RMSNorm, RoPE, SwiGLU, GQA")
+    a("--n_kv_head", type=count, help="the llama block's key/value heads (default: one per query head)")
     a("--block_size", type=count, help="context length in tokens")
     a("--dropout", type=fraction, help="dropout rate (default 0; 0.1–0.2 helps on small data)")
     a("--bias", type=int, choices=[0, 1], help="biases in Linear and LayerNorm layers (default 1)")
@@ -1035,7 +1093,9 @@ def parse_flags(argv):
     a("--batch_size", type=count, help="sequences per micro-batch (per process)")
     a("--grad_accum", "--gradient_accumulation_steps", type=count,
       help="micro-batches per optimizer step (default 1; the second name is LLM Learning's)")
-    a("--lr", type=positive, help="peak learning rate")
+    a("--optimizer", choices=["adamw", "muon"], help="adamw, or muon for the blocks' matrices (+ adamw)")
+    a("--lr", type=positive, help="peak learning rate (AdamW's)")
+    a("--muon_lr", type=positive, help="Muon's peak learning rate (default 0.02)")
     a("--min_lr", type=non_negative, help="learning rate at the end of the cosine (default lr/10)")
     a("--warmup_iters", type=whole, help="steps of linear warm-up")
     a("--lr_decay_iters", type=count, help="length of the cosine schedule (default: the run's)")
@@ -1069,7 +1129,7 @@ def resumed_settings(given, ckpt, path):
     """--resume: last.pt's settings, with the flags of RESUME_MAY_CHANGE given anew."""
     fields = {f.name for f in dataclasses.fields(Settings)}
     saved = {k: v for k, v in ckpt["train_args"].items() if k in fields}
-    saved.update({k: ckpt["model_config"][k] for k in MODEL_CONFIG_FLAGS})
+    saved.update({k: ckpt["model_config"].get(k, getattr(GPTConfig, k)) for k in MODEL_CONFIG_FLAGS})
     changed = sorted(k for k, v in given.items() if k not in RESUME_MAY_CHANGE + ("out_dir",) and saved.get(k) != v)
     if changed:
         raise InputError(f"--resume goes on with the settings in {path}; --{changed[0]} cannot change "
@@ -1089,8 +1149,8 @@ def started_settings(given, ckpt, path):
         raise InputError(f"--block_size {given['block_size']} is longer than the context of {path} "
                          f"({context}): it can shrink, never grow")
     model_type = ckpt["train_args"].get("model_type", Settings.model_type)
-    return new_settings(**{"block_size": context, **given, "model_type": model_type,
-                           "bias": ckpt["model_config"]["bias"]})
+    shape = {k: ckpt["model_config"].get(k, getattr(GPTConfig, k)) for k in ("block", "n_kv_head", "bias")}
+    return new_settings(**{"block_size": context, **given, "model_type": model_type, **shape})
 
 
 def main(argv=None):
