@@ -69,10 +69,11 @@ def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0):
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)           # (B, H, Tq, Tk)
     if causal:
         allowed = causal_mask(q.size(-2), k.size(-2), device=q.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))     # e^(−∞) = 0: no weight on the future
+        scores = scores.masked_fill(~allowed, float("-inf"))  # e^(−∞) = 0: no weight on the future
     # bfloat16/float16 scores are exponentiated and summed in (at least) float32: with 8 or 11
     # bits of mantissa, a sum of many small probabilities would drift. float64 stays float64.
-    weights = softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)  # rows sum to 1
+    # Each row of weights sums to 1.
+    weights = softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     weights = weights.to(v.dtype)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p, training=True)
@@ -91,7 +92,7 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
     where it helps. ε guards against dividing by zero for a constant vector.
     """
     mean = x.mean(dim=-1, keepdim=True)
-    var = x.var(dim=-1, keepdim=True, unbiased=False)            # population variance (÷C, not ÷(C−1))
+    var = x.var(dim=-1, keepdim=True, unbiased=False)  # population variance (÷C, not ÷(C−1))
     y = (x - mean) / torch.sqrt(var + eps) * weight
     return y + bias if bias is not None else y
 
@@ -147,7 +148,8 @@ class MLP(nn.Module):
     def __init__(self, n_embd, dropout=0.0, bias=True):
         super().__init__()
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)  # a residual projection (see gpt.py init)
+        # a residual projection (see gpt.py init)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):                                        # (B, T, C)
@@ -172,7 +174,7 @@ class KVCache:
 
     def __init__(self, n_layer, max_len):
         self.max_len = max_len
-        self.keys = [None] * n_layer                             # each (B, H, max_len, D) once used
+        self.keys = [None] * n_layer                             # each (B, H or Hkv, max_len, D)
         self.values = [None] * n_layer
         self.filled = [0] * n_layer                              # positions written, per layer
 
@@ -254,7 +256,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(layer, k, v)                     # (B, H, T_cached + T, D)
         y = attend(q, k, v, self.attn_dropout_p if self.training else 0.0, self.flash)
-        y = y.transpose(1, 2).reshape(B, T, C)                   # (B, H, T, D) → (B, T, H·D): merge heads
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) → (B, T, H·D): merge heads
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -327,7 +329,7 @@ class RMSNorm(nn.Module):
 # product exactly as turning k alone by (n − m)θ would (a rotation keeps lengths and angles:
 # R(a)ᵀR(b) = R(b − a)), so every score q_m·k_n depends on the tokens and on the distance n − m,
 # never on where in the text the two sit. θ_i = base^(−2i/D) with base 10000 runs from 1 radian
-# per position (pair 0: tells neighbours apart) down to 1/10000 (the last pair: changes over
+# per position (pair 0: tells neighbours apart) down to nearly 1/10000 (the last: changes over
 # thousands of positions). Only q and k turn, not v: position should decide where to look, not
 # what is carried.
 
@@ -342,7 +344,7 @@ def apply_rope(x, cos, sin):
     """Turn every pair (x_2i, x_2i+1) of x (B, H, T, D) by its position's angle; cos, sin are the
     (T, D/2) rows of those positions. As complex numbers the turn is one multiplication:
     (a + jb)·(cos φ + j·sin φ) = (a·cos φ − b·sin φ) + j·(a·sin φ + b·cos φ)."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))   # (B, H, T, D/2) complex
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, H, T, D/2) complex
     turned = pairs * torch.complex(cos, sin)                     # × e^(jmθ_i), broadcast over B, H
     return torch.view_as_real(turned).flatten(-2).type_as(x)     # back to (B, H, T, D), x's dtype
 
@@ -373,7 +375,7 @@ class GroupedQueryAttention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)                   # (B, H, T, D)
         k = k.view(B, T, Hkv, D).transpose(1, 2)                 # (B, Hkv, T, D)
         v = v.view(B, T, Hkv, D).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)        # positions enter here, q and k only
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # positions enter here, q and k only
         if cache is not None:
             k, v = cache.append(layer, k, v)                     # (B, Hkv, T_cached + T, D)
         y = attend(q, k, v, self.attn_dropout_p if self.training else 0.0, self.flash)
@@ -404,7 +406,7 @@ class SwiGLU(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):                                        # (B, T, C) → (B, T, C)
-        h = F.silu(self.gate(x)) * self.up(x)                    # (B, T, hidden); F.silu = silu(), fused
+        h = F.silu(self.gate(x)) * self.up(x)  # (B, T, hidden); F.silu = silu(), fused
         return self.dropout(self.c_proj(h))
 
 
@@ -419,6 +421,7 @@ class LlamaBlock(nn.Module):
         self.mlp = SwiGLU(n_embd, dropout=dropout)
 
     def forward(self, x, cache=None, layer=0, rope=None):       # (B, T, C) → (B, T, C)
+        # rope: (cos, sin) of x's positions, which GPT passes to every block (Block's interface)
         x = x + self.attn(self.ln_1(x), rope, cache=cache, layer=layer)
         x = x + self.mlp(self.ln_2(x))
         return x

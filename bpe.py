@@ -12,9 +12,9 @@ What you will learn here, numbered as the section banners:
   6. the report: what gpt2, cl100k_base and a vocabulary of our own do to Chinese.
 Optional sections, for a second reading:
   7. (optional) training fast: the same merges, updating pair counts only where a merge happened;
-  8. (optional) the vocabulary file: a format a person can read;
-  9. (optional) what every command line of the suite shares: one-line errors, flag checks,
+  8. (optional) what every command line of the suite shares: one-line errors, flag checks,
      reading text strictly, writing files atomically;
+  9. (optional) the vocabulary file: a format a person can read;
  10. (optional) the command line.
 
 You need: Python. Nothing of ours comes before this (gpt.py's vocab_size is what this file
@@ -256,8 +256,9 @@ class BPETokenizer:
 
     def __eq__(self, other):
         """Two tokenizers are the same when they encode alike; the name is only a label."""
-        return isinstance(other, BPETokenizer) and (self.ranks, self.pattern, self.special_tokens) == (
-            other.ranks, other.pattern, other.special_tokens)
+        return isinstance(other, BPETokenizer) and (
+            (self.ranks, self.pattern, self.special_tokens)
+            == (other.ranks, other.pattern, other.special_tokens))
 
     @property
     def eot_token(self):
@@ -285,7 +286,8 @@ class BPETokenizer:
         is called after each merge as progress(step, total, token_bytes, count).
         """
         specials = [ENDOFTEXT] if special_tokens is None else list(special_tokens)
-        assert vocab_size >= 256 + len(specials), "vocab_size must hold the 256 bytes and the specials"
+        assert vocab_size >= 256 + len(specials), (
+            "vocab_size must hold the 256 bytes and the specials")
         piece_counts = count_pieces(text, pattern, specials)
         # train_fast (section 7) makes the same merges as train_naive, thousands of times sooner
         _, vocab = train_fast(piece_counts, vocab_size - 256 - len(specials), progress)
@@ -306,7 +308,7 @@ class BPETokenizer:
         return ids
 
     def special_regex(self, tokens):
-        """A regex matching any of `tokens`, longest first ("<|a|>b" is not cut short by "<|a|>")."""
+        """A regex matching any of `tokens`, longest first: "<|a|>b" is not cut short by "<|a|>"."""
         alternatives = sorted(tokens, key=len, reverse=True)
         return regex.compile("(" + "|".join(regex.escape(t) for t in alternatives) + ")")
 
@@ -326,9 +328,9 @@ class BPETokenizer:
             found = self.special_regex(disallowed).search(text)
             if found:
                 raise ValueError(f"text contains the special token {found.group()!r}, which is "
-                                 f"disallowed: pass allowed_special={{{found.group()!r}}} (or 'all') "
-                                 f"to encode it as that token, or disallowed_special=() to encode it "
-                                 f"as plain text")
+                                 f"disallowed: pass allowed_special={{{found.group()!r}}} "
+                                 f"(or 'all') to encode it as that token, or "
+                                 f"disallowed_special=() to encode it as plain text")
         if not allowed:
             return self.encode_ordinary(text)
         ids = []
@@ -352,7 +354,7 @@ class BPETokenizer:
         errors="replace" shows that as U+FFFD instead of failing."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
-    # -- keeping it: a file (the format is section 8), or plain data for a checkpoint -----------
+    # -- keeping it: a file (the format is section 9), or plain data for a checkpoint -----------
 
     def save(self, path):
         """Write the vocabulary as a plain-text file a person can read."""
@@ -367,7 +369,8 @@ class BPETokenizer:
         """Plain Python types only (str, int, list, dict), so a checkpoint holding it loads with
         torch.load(weights_only=True). Tokens are hex strings, listed in id order."""
         tokens = sorted(self.ranks, key=self.ranks.get)
-        return {"name": self.name, "pattern": self.pattern, "special_tokens": dict(self.special_tokens),
+        return {"name": self.name, "pattern": self.pattern,
+                "special_tokens": dict(self.special_tokens),
                 "tokens": [token.hex() for token in tokens]}
 
     @classmethod
@@ -389,7 +392,7 @@ class BPETokenizer:
 # where the lesson first meets a mistake of theirs: an InputError, which every command line
 # prints as one line that names the fix, never as a traceback.
 
-TIKTOKEN_NAMES = ("gpt2", "cl100k_base")                         # OpenAI vocabularies we use by name
+TIKTOKEN_NAMES = ("gpt2", "cl100k_base")  # OpenAI vocabularies we use by name
 
 
 class InputError(ValueError):
@@ -398,7 +401,8 @@ class InputError(ValueError):
 
 
 def load_tokenizer(spec):
-    """--tokenizer's value → a tokenizer: a name in TIKTOKEN_NAMES, or a saved BPE's path → it."""
+    """--tokenizer's value → a tokenizer: a name in TIKTOKEN_NAMES stays that name; the path of
+    a saved BPE becomes that BPETokenizer."""
     if spec in TIKTOKEN_NAMES:
         return spec
     if pathlib.Path(spec).is_file():
@@ -416,7 +420,8 @@ def get_tokenizer(tokenizer):
         tokenizer = load_tokenizer(tokenizer)
     if isinstance(tokenizer, BPETokenizer):
         return tiktoken.Encoding(name=tokenizer.name, pat_str=tokenizer.pattern,
-                                 mergeable_ranks=tokenizer.ranks, special_tokens=tokenizer.special_tokens)
+                                 mergeable_ranks=tokenizer.ranks,
+                                 special_tokens=tokenizer.special_tokens)
     try:
         return tiktoken.get_encoding(tokenizer)
     except Exception as e:                   # tiktoken downloads its files on first use
@@ -466,7 +471,7 @@ def decode_stream(enc, token_ids):
         except KeyError:
             token = b""
         piece = decoder.decode(token)
-        if piece:                                                # empty while a character is incomplete
+        if piece:  # empty while a character is incomplete
             yield piece
     tail = decoder.decode(b"", final=True)
     if tail:
@@ -500,7 +505,8 @@ def token_report(text, encodings):
     """Markdown table: tokens, chars/token, bytes/token and the share of broken-character tokens
     for each (label, tiktoken.Encoding)."""
     n_chars, n_bytes = len(text), len(text.encode("utf-8"))
-    rows = ["| tokenizer | vocab | tokens | chars/token | bytes/token | tokens not whole UTF-8 chars |",
+    rows = ["| tokenizer | vocab | tokens | chars/token | bytes/token "
+            "| tokens not whole UTF-8 chars |",
             "|---|---:|---:|---:|---:|---:|"]
     for label, enc in encodings:
         ids = enc.encode_ordinary(text)
@@ -540,7 +546,7 @@ def merge_in_piece(ids, a, b, new, stats, count):
         if a == b:
             unseen -= 1                                          # the `b` we swallow was an `a`
         if k:                                                    # the pair on the left:
-            left = ids[k - 1]                                    # (left, a) is lost, (left, new) born.
+            left = ids[k - 1]  # (left, a) is lost, (left, new) born.
             # But if an occurrence ended just before (at k − 1), ids[k − 1] is already `new`, and
             # the pair lost is the one the text held before that merge: (b, a).
             stats[b if last == k - 1 else left, a] -= count
@@ -561,7 +567,7 @@ def merge_in_piece(ids, a, b, new, stats, count):
 def count_pairs(pieces, counts):
     """Initial pair counts (with multiplicity) and, per pair, the pieces that hold it."""
     once = (zip(ids, ids[1:]) for ids, count in zip(pieces, counts) if count == 1)
-    stats = Counter(chain.from_iterable(once))                   # the bulk of the counting runs in C
+    stats = Counter(chain.from_iterable(once))  # the bulk of the counting runs in C
     for ids, count in zip(pieces, counts):
         if count > 1:
             for pair in zip(ids, ids[1:]):
@@ -656,7 +662,7 @@ MAX_MB_FLAG = number_flag(float, "> 0", lambda mb: mb > 0)
 
 
 def folder_flag(text):
-    """An argparse `type=` for a folder: an empty one (an unset shell variable, as a rule) is refused."""
+    """An argparse `type=` for a folder: an empty one (an unset shell variable?) is refused."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty (an unset shell variable?) — give a folder")
     return text
@@ -664,7 +670,7 @@ def folder_flag(text):
 
 def run_command(main, argv=None):
     """main(argv) → an exit code: an InputError is one line `error: ...` and 1; Ctrl-C is 130;
-    a closed pipe (`... | head`) ends quietly, stdout pointed at /dev/null for Python's last flush."""
+    a closed pipe (`... | head`) ends quietly (stdout to /dev/null, for Python's last flush)."""
     try:
         return main(argv) or 0
     except InputError as e:
@@ -688,8 +694,9 @@ def read_text(path, max_mb=None):
     try:   # incremental: a last character cut by max_mb is held back; any other bad byte fails
         text = codecs.getincrementaldecoder("utf-8")().decode(data, final=max_mb is None)
     except UnicodeDecodeError as e:
-        raise InputError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}) — convert "
-                         f"it: iconv -f GB18030 -t UTF-8 {path} > {pathlib.Path(path).stem}.utf8.txt") from None
+        raise InputError(f"{path} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}) "
+                         f"— convert it: iconv -f GB18030 -t UTF-8 {path} > "
+                         f"{pathlib.Path(path).stem}.utf8.txt") from None
     text = text.removeprefix("\ufeff")
     if not text.strip():
         raise InputError(f"{path} holds no text{' in its first --max_mb' if max_mb else ''}")
@@ -718,7 +725,8 @@ def make_writable_folder(folder, flag):
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise InputError(f"cannot write to {folder} ({e.strerror}) — choose another {flag}") from None
+        raise InputError(f"cannot write to {folder} ({e.strerror}) — "
+                         f"choose another {flag}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -783,7 +791,8 @@ def read_tokenizer_file(path, cls):
 def train_command(args):
     text = read_text(args.file, args.max_mb)
     if pathlib.Path(args.out).is_dir():
-        raise InputError(f"--out {args.out} is a folder — give the path of a file, e.g. {args.out}/vocab.bpe")
+        raise InputError(f"--out {args.out} is a folder — give the path of a file, "
+                         f"e.g. {args.out}/vocab.bpe")
     make_writable_folder(pathlib.Path(args.out).parent, "--out")
     pattern = GPT4_SPLIT_PATTERN if args.pattern == "gpt4" else GPT2_SPLIT_PATTERN
     t0 = time.time()
@@ -794,8 +803,8 @@ def train_command(args):
             print(f"merge {step:>6}/{total}  {readable(token):<24} count {count:>9,}  "
                   f"{time.time() - t0:6.1f}s", file=sys.stderr)
 
-    tok = BPETokenizer.train(text, args.vocab_size, pattern=pattern, name=pathlib.Path(args.out).stem,
-                             progress=progress)
+    tok = BPETokenizer.train(text, args.vocab_size, pattern=pattern,
+                             name=pathlib.Path(args.out).stem, progress=progress)
     tok.save(args.out)
     print(f"trained {tok.n_vocab} tokens on {len(text.encode('utf-8')):,} bytes in "
           f"{time.time() - t0:.1f}s -> {args.out}")

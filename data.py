@@ -190,10 +190,12 @@ def write_token_files(documents, enc, out, num_proc, verbose):
     itemsize = itemsize_for(enc)
     counts = {split: {"tokens": 0, "bytes": 0, "docs": 0} for split in ("train", "val")}
     started = last_print = time.time()
-    with bpe.atomic_path(out / "train.bin") as train_temp, bpe.atomic_path(out / "val.bin") as val_temp:
+    with bpe.atomic_path(out / "train.bin") as train_temp, \
+         bpe.atomic_path(out / "val.bin") as val_temp:
         with open(train_temp, "wb") as train_file, open(val_temp, "wb") as val_file:
             files = {"train": train_file, "val": val_file}
-            for split, ids, text_bytes, ends_document in encode_in_parallel(documents, enc, num_proc):
+            for split, ids, text_bytes, ends_document in encode_in_parallel(documents, enc,
+                                                                            num_proc):
                 if ends_document:
                     ids.append(enc.eot_token)                # the document is over: <|endoftext|>
                 files[split].write(ids_to_bytes(ids, itemsize))
@@ -205,11 +207,12 @@ def write_token_files(documents, enc, out, num_proc, verbose):
                     print(f"\r  tokenized {done:,.1f} MB", end="", file=sys.stderr, flush=True)
                     last_print = time.time()
         if counts["train"]["bytes"] == 0:
-            raise InputError(f"no training text found for {out.parent.name} — check the input is not "
-                             f"blank, or raise --max_mb")
+            raise InputError(f"no training text found for {out.parent.name} — check the input "
+                             f"is not blank, or raise --max_mb")
     mb, seconds = (counts["train"]["bytes"] + counts["val"]["bytes"]) / 1e6, time.time() - started
-    say(verbose, f"\r{out}: train {counts['train']['tokens']:,} tokens, val {counts['val']['tokens']:,} "
-                 f"from {mb:,.1f} MB of text in {seconds:.1f} s ({mb / max(seconds, 1e-9):.1f} MB/s)")
+    say(verbose, f"\r{out}: train {counts['train']['tokens']:,} tokens, "
+                 f"val {counts['val']['tokens']:,} from {mb:,.1f} MB of text in {seconds:.1f} s "
+                 f"({mb / max(seconds, 1e-9):.1f} MB/s)")
     return counts
 
 
@@ -218,18 +221,20 @@ def write_meta(out, source, tokenizer, enc, counts, max_mb, fingerprint):
     meta = {
         "dataset": source.name,
         "source": source.about,
-        "tokenizer": tokenizer if isinstance(tokenizer, str) else "bpe",   # "bpe": see tokenizer.bpe
+        "tokenizer": tokenizer if isinstance(tokenizer, str) else "bpe",  # "bpe": see tokenizer.bpe
         "vocab_size": enc.n_vocab,
         "eot_token": enc.eot_token,
         "dtype": "uint16" if itemsize_for(enc) == 2 else "uint32",
         "train_tokens": counts["train"]["tokens"],
         "val_tokens": counts["val"]["tokens"],
-        "train_bytes": counts["train"]["bytes"],   # UTF-8 bytes of text: bits per byte divides by these
+        # UTF-8 bytes of text: bits per byte divides by these
+        "train_bytes": counts["train"]["bytes"],
         "val_bytes": counts["val"]["bytes"],
         "train_docs": counts["train"]["docs"],
         "val_docs": counts["val"]["docs"],
         "max_mb": max_mb,
-        "sources": [{"file": str(f), "bytes": f.stat().st_size, "sha256": sha256_of(f)} for f in source.files],
+        "sources": [{"file": str(f), "bytes": f.stat().st_size, "sha256": sha256_of(f)}
+                    for f in source.files],
         "fingerprint": fingerprint,
     }
     with bpe.atomic_path(out / "meta.json") as temp:
@@ -254,7 +259,7 @@ def write_meta(out, source, tokenizer, enc, counts, max_mb, fingerprint):
 # behind our back (a full disk, a killed run), where training on a stub would be silently wrong:
 # the sizes are checked too, which is cheap; re-reading gigabytes would not be.
 
-FORMAT_VERSION = 3                           # bump when the files change meaning: old folders rebuild
+FORMAT_VERSION = 3  # bump when the files change meaning: old folders rebuild
 NOT_PREPARED = "not prepared yet"
 
 
@@ -287,7 +292,8 @@ def check_prepared(out, fingerprint):
     for split in ("train", "val"):
         path = out / f"{split}.bin"
         if not path.is_file() or path.stat().st_size != itemsize * meta[f"{split}_tokens"]:
-            return f"{split}.bin does not hold the {meta[f'{split}_tokens']:,} tokens meta.json counts"
+            return (f"{split}.bin does not hold the {meta[f'{split}_tokens']:,} tokens "
+                    f"meta.json counts")
     if meta["tokenizer"] == "bpe":
         try:
             bpe.BPETokenizer.load(out / "tokenizer.bpe")
@@ -323,7 +329,7 @@ def prepare(dataset, tokenizer=DEFAULT_TOKENIZER, data_dir="data", max_mb=None, 
     # datasets, your own files) and what the folders are called is section 6.
     source = find_source(str(dataset), data_dir, verbose)
     if isinstance(tokenizer, str) and tokenizer != "bpe":
-        tokenizer = bpe.load_tokenizer(tokenizer)        # a name stays a name; a path → BPETokenizer
+        tokenizer = bpe.load_tokenizer(tokenizer)  # a name stays a name; a path → BPETokenizer
     out = data_dir / source.name / tokenizer_folder(tokenizer, vocab_size)
     # Nothing to do if the folder is whole and made from the very same inputs.
     fingerprint = make_fingerprint(source, tokenizer, vocab_size, max_mb)
@@ -390,8 +396,8 @@ def need_windows(tokens, block_size, needed):
     """Refuse a split too short for `needed` windows of block_size + 1 tokens."""
     have = (len(tokens) - 1) // block_size
     if have < needed:
-        raise InputError(f"{len(tokens):,} tokens make {have} windows of {block_size}, and {needed} are "
-                         f"needed — lower --batch_size/--block_size or use more data")
+        raise InputError(f"{len(tokens):,} tokens make {have} windows of {block_size}, and "
+                         f"{needed} are needed — lower --batch_size/--block_size or use more data")
 
 
 def gather_windows(tokens, starts, block_size, device):
@@ -401,7 +407,8 @@ def gather_windows(tokens, starts, block_size, device):
     x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()                    # (B, T), (B, T)
     if torch.device(device).type == "cuda":
         # pinned (page-locked) memory lets the copy run asynchronously with the GPU's work
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return (x.pin_memory().to(device, non_blocking=True),
+                y.pin_memory().to(device, non_blocking=True))
     return x.to(device), y.to(device)
 
 
@@ -477,16 +484,19 @@ HF_ENDPOINT = "https://huggingface.co"       # the Hugging Face Hub (HF_ENDPOINT
 # a JSON array of records and .zip WikiText's split files (section 8), .txt plain text.
 DATASETS = {
     "chinese": dict(
-        hf_path="datasets/pleisto/wikipedia-cn-20230720-filtered/resolve/main/wikipedia-cn-20230720-filtered.json",
+        hf_path="datasets/pleisto/wikipedia-cn-20230720-filtered/resolve/main/"
+                "wikipedia-cn-20230720-filtered.json",
         about="Chinese Wikipedia, 2023-07-20, filtered (≈ 501 MB, 254,547 articles; CC BY-SA 3.0)"),
     "wikitext": dict(
         url="https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
-        about="WikiText-103 raw, Merity et al. 2016 (≈ 192 MB zip, ≈ 540 MB of text; CC BY-SA 3.0)"),
+        about="WikiText-103 raw, Merity et al. 2016 "
+              "(≈ 192 MB zip, ≈ 540 MB of text; CC BY-SA 3.0)"),
     "wikitext2": dict(
         url="https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
         about="WikiText-2 raw, a 2 % subset of WikiText-103 (≈ 4.7 MB zip, ≈ 11 MB; CC BY-SA 3.0)"),
     "shakespeare": dict(
-        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+            "input.txt",
         about="tiny Shakespeare, from Karpathy's char-rnn (1.1 MB; public domain)",
         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
 }
@@ -497,12 +507,14 @@ def find_source(dataset, data_dir, verbose=True):
     if dataset in DATASETS:
         return builtin_source(dataset, data_dir, verbose)
     path, own = pathlib.Path(dataset), data_dir / "raw" / dataset
-    if path.is_dir() or (own.is_dir() and not path.exists() and os.sep not in dataset and "/" not in dataset):
+    if path.is_dir() or (own.is_dir() and not path.exists() and os.sep not in dataset
+                         and "/" not in dataset):
         folder = path if path.is_dir() else own
         return folder_source(folder, folder_name(folder.resolve().name))
     if path.exists() or path.suffix or "/" in dataset or os.sep in dataset:
         check_file(path)                                 # a file of yours: there, not empty, known
-        return Source(folder_name(path.resolve().stem), [path], lambda: documents_of(path), f"file {path}")
+        return Source(folder_name(path.resolve().stem), [path], lambda: documents_of(path),
+                      f"file {path}")
     raise InputError(f"unknown dataset '{dataset}' — choose one of {', '.join(DATASETS)}, a "
                      f".txt/.jsonl file or folder, or put your text in {own}/train.txt")
 
@@ -514,7 +526,8 @@ def builtin_source(name, data_dir, verbose):
     raw = data_dir / "raw" / name / url.rsplit("/", 1)[1]
     if not raw.exists():
         say(verbose, f"downloading {name}: {entry['about']}, from {url}")
-        mirror = "use a mirror (HF_ENDPOINT=https://hf-mirror.com), or " if "hf_path" in entry else ""
+        mirror = ("use a mirror (HF_ENDPOINT=https://hf-mirror.com), or "
+                  if "hf_path" in entry else "")
         with building(raw.parent):                       # a failure leaves no empty folder
             download(url, raw, sha256=entry.get("sha256"), hint=mirror)
     return Source(name, [raw], lambda: documents_of(raw), entry["about"])
@@ -526,17 +539,21 @@ def folder_source(folder, name):
     train = folder / "train.txt"
     val = next((folder / n for n in VAL_NAMES if (folder / n).is_file()), None)
     if val is not None and not train.is_file():
-        raise InputError(f"{folder} has {val.name} but no train.txt — name the training text train.txt")
+        raise InputError(f"{folder} has {val.name} but no train.txt — "
+                         f"name the training text train.txt")
     if train.is_file():
         files = [train] + ([val] if val else [])
     else:
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        files = sorted(p for p in folder.iterdir()
+                       if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
     if not files:
-        raise InputError(f"{folder} holds no .txt, .jsonl or .json file — put your text in {folder}/train.txt")
+        raise InputError(f"{folder} holds no .txt, .jsonl or .json file — "
+                         f"put your text in {folder}/train.txt")
     for f in files:
         check_file(f)
     if val is not None:                                  # the two splits as they are
-        documents = lambda: ((split, bpe.read_text(f)) for split, f in (("train", train), ("val", val)))
+        documents = lambda: ((split, bpe.read_text(f))
+                             for split, f in (("train", train), ("val", val)))
     else:
         documents = lambda: itertools.chain.from_iterable(documents_of(f) for f in files)
     return Source(name, files, documents, f"folder {folder}")
@@ -549,14 +566,14 @@ def check_file(path):
     if path.stat().st_size == 0:
         raise InputError(f"{path} is empty — put some text in it")
     if path.suffix.lower() not in TEXT_SUFFIXES:
-        raise InputError(f"{path}: don't know how to read '{path.suffix}' files — give a .txt, .jsonl "
-                         f"or .json file, or a folder of them")
+        raise InputError(f"{path}: don't know how to read '{path.suffix}' files — "
+                         f"give a .txt, .jsonl or .json file, or a folder of them")
 
 
 def documents_of(path):
     """(split, document) pairs of one file, read as its suffix says (sections 1 and 8)."""
-    readers = {".txt": text_file_documents, ".jsonl": jsonl_documents, ".json": json_array_documents,
-               ".zip": wikitext_documents}
+    readers = {".txt": text_file_documents, ".jsonl": jsonl_documents,
+               ".json": json_array_documents, ".zip": wikitext_documents}
     return readers[path.suffix.lower()](path)
 
 
@@ -633,7 +650,8 @@ def fetch_once(url, part, timeout):
             part.unlink()
             raise Retry("the partial file did not match the server's file")
         if code not in (200, 206):
-            raise InputError(f"{url} answered HTTP {code} — {'the file has moved; ' if code in (404, 410) else ''}"
+            raise InputError(f"{url} answered HTTP {code} — "
+                             f"{'the file has moved; ' if code in (404, 410) else ''}"
                              f"download it yourself and give its path: --dataset path/to/file")
         # 206: Range was honoured, and Content-Range must start exactly where our bytes end, or
         # appending would splice two different pieces of the file. 200: the whole file, anew.
@@ -652,9 +670,12 @@ def fetch_once(url, part, timeout):
                 for chunk in response.iter_content(1 << 16):
                     f.write(chunk)
                     done += len(chunk)
-                    if done // 2**22 != (done - len(chunk)) // 2**22:   # every 4 MiB: "\r" rewrites the line
-                        print(f"\r  {done / 1e6:8.1f} MB" + (f" of {total / 1e6:.1f}" if total else "")
-                              + f", {(done - have) / 1e6 / max(time.time() - started, 1e-6):.2f} MB/s",
+                    # every 4 MiB: "\r" rewrites the line
+                    if done // 2**22 != (done - len(chunk)) // 2**22:
+                        print(f"\r  {done / 1e6:8.1f} MB"
+                              + (f" of {total / 1e6:.1f}" if total else "")
+                              + f", {(done - have) / 1e6 / max(time.time() - started, 1e-6):.2f}"
+                                " MB/s",
                               end="", file=sys.stderr, flush=True)
         except requests.RequestException as e:               # the connection broke mid-body
             raise Retry(f"connection broken after {done:,} bytes ({type(e).__name__})") from e
@@ -684,7 +705,8 @@ def download(url, dest, sha256=None, retries=5, timeout=30, hint=""):
             break
         except (requests.ConnectionError, requests.Timeout) as e:
             if attempt == 0 and not part.exists():           # never reached: retrying only delays
-                raise InputError(f"cannot reach {requests.utils.urlparse(url).netloc} ({type(e).__name__}) "
+                raise InputError(f"cannot reach {requests.utils.urlparse(url).netloc} "
+                                 f"({type(e).__name__}) "
                                  f"— {hint}{manual}, or train on any local text offline: "
                                  f"--dataset path/to/file.txt") from None
             error = f"{type(e).__name__}"
@@ -694,7 +716,8 @@ def download(url, dest, sha256=None, retries=5, timeout=30, hint=""):
             # Exponential back-off: a blip costs a second, and a struggling server gets more room
             # at each try instead of a stampede of retries.
             pause = BACKOFF_S * 2 ** attempt
-            print(f"  download: {error}; retrying in {pause:.2g} s ({attempt + 1}/{retries})", file=sys.stderr)
+            print(f"  download: {error}; retrying in {pause:.2g} s ({attempt + 1}/{retries})",
+                  file=sys.stderr)
             time.sleep(pause)
     else:
         raise InputError(f"download of {url} failed after {retries + 1} tries ({error}) — run the "
@@ -757,8 +780,8 @@ def iter_json_array(path):
             buf, eof = f.read(JSON_BLOCK_CHARS), False
             pos = SEPARATORS.match(buf).end()
             if buf[pos:pos + 1] != "[":
-                raise InputError(f"{path} is not a JSON array of documents — use a .jsonl file (one "
-                                 f"{{\"text\": ...}} per line) or a .txt file")
+                raise InputError(f"{path} is not a JSON array of documents — use a .jsonl file "
+                                 f"(one {{\"text\": ...}} per line) or a .txt file")
             pos += 1
             while True:
                 pos = SEPARATORS.match(buf, pos).end()
@@ -842,7 +865,7 @@ def wikitext_documents(zip_path):
 # "\n" is a piece of its own, or ends the piece of punctuation before it, and the next character
 # starts a new piece). So the parts encode exactly like the whole.
 
-TASK_CHARS = 1 << 18                         # ≈ 256 K characters: many tasks per core, little overhead
+TASK_CHARS = 1 << 18  # ≈ 256 K characters: many tasks per core, little overhead
 # Where a document may be cut without changing its tokens: just after a line break that comes
 # between two characters other than whitespace ("text\ntext"). A run of two or more whitespace
 # characters must stay whole: at the end of a part, GPT-2's pattern would take "\n\n" as one
@@ -885,7 +908,8 @@ def make_tasks(documents):
 
 def encode_task(task, enc):
     """A task → [(split, the part's ids, its UTF-8 bytes, whether it ends its document), ...]."""
-    return [(split, enc.encode_ordinary(part), len(part.encode("utf-8")), ends) for split, part, ends in task]
+    return [(split, enc.encode_ordinary(part), len(part.encode("utf-8")), ends)
+            for split, part, ends in task]
 
 
 def cpu_count():
@@ -898,7 +922,7 @@ def encode_in_parallel(documents, enc, num_proc=None):
     process may use), yielding each part's result in the order of the documents."""
     num_proc = num_proc or cpu_count()
     tasks = make_tasks(documents)
-    if num_proc == 1:                        # no threads: the plain path the parallel one must equal
+    if num_proc == 1:  # no threads: the plain path the parallel one must equal
         for task in tasks:
             yield from encode_task(task, enc)
         return
@@ -922,11 +946,12 @@ def encode_in_parallel(documents, enc, num_proc=None):
 
 def main(argv=None):
     """python data.py --dataset NAME [...]: prepare one dataset, or every built-in one (all)."""
-    parser = bpe.ArgumentParser(prog="data.py", description="Download and tokenize a dataset into "
-                                                            "data/<dataset>/<tokenizer>/{train,val}.bin.")
+    parser = bpe.ArgumentParser(prog="data.py",
+                                description="Download and tokenize a dataset into "
+                                            "data/<dataset>/<tokenizer>/{train,val}.bin.")
     parser.add_argument("--dataset", default="shakespeare",
-                        help=f"{', '.join(DATASETS)}, all (every built-in one), a .txt/.jsonl file, a "
-                             f"folder, or NAME for data/raw/NAME/")
+                        help=f"{', '.join(DATASETS)}, all (every built-in one), "
+                             f"a .txt/.jsonl file, a folder, or NAME for data/raw/NAME/")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                         help="bpe (train our own, the default, as in train.py), gpt2, cl100k_base, "
                              "or the path of a saved BPE")
@@ -935,9 +960,10 @@ def main(argv=None):
     parser.add_argument("--max_mb", type=bpe.MAX_MB_FLAG, default=None,
                         help="tokenize at most this many MB of training text (and a tenth of it of "
                              "validation text)")
-    parser.add_argument("--num_proc", type=bpe.number_flag(int, "≥ 1", lambda n: n >= 1), default=None,
-                        help="tokenizing threads (default: all cores)")
-    parser.add_argument("--data_dir", type=bpe.folder_flag, default="data", help="where raw and prepared data live")
+    parser.add_argument("--num_proc", type=bpe.number_flag(int, "≥ 1", lambda n: n >= 1),
+                        default=None, help="tokenizing threads (default: all cores)")
+    parser.add_argument("--data_dir", type=bpe.folder_flag, default="data",
+                        help="where raw and prepared data live")
     args = parser.parse_args(argv)
     # --dataset all: every built-in dataset in turn (LLM Learning's `download_data.py --dataset
     # all`); a failure stops at that dataset, and running again skips those already prepared.

@@ -93,6 +93,7 @@ class GPT(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        assert config.block in ("gpt2", "llama"), f"block: gpt2 or llama, not {config.block!r}"
         self.config = config
         C = config.n_embd
         # Token embedding: row i is the vector that stands for token id i.
@@ -102,16 +103,19 @@ class GPT(nn.Module):
             # Position embedding: attention itself is order-blind (a weighted *sum*), so each
             # position 0 … block_size−1 gets a learned vector added to its token's vector.
             self.wpe = nn.Embedding(config.block_size, C)
-            self.blocks = nn.ModuleList(Block(C, config.n_head, dropout=config.dropout, bias=config.bias)
+            self.blocks = nn.ModuleList(Block(C, config.n_head, dropout=config.dropout,
+                                              bias=config.bias)
                                         for _ in range(config.n_layer))
-            self.ln_f = LayerNorm(C, bias=config.bias)   # pre-LN blocks leave the stream un-normalised
+            # pre-LN blocks leave the stream un-normalised
+            self.ln_f = LayerNorm(C, bias=config.bias)
         else:
             # The rotations of every position, computed once and shared by all blocks; a buffer
             # (it moves with .to(device)) that is not saved: it follows from the config alone.
             cos, sin = rope_tables(C // config.n_head, config.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)    # (block_size, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
-            self.blocks = nn.ModuleList(LlamaBlock(C, config.n_head, config.n_kv_head, dropout=config.dropout)
+            self.blocks = nn.ModuleList(LlamaBlock(C, config.n_head, config.n_kv_head,
+                                                   dropout=config.dropout)
                                         for _ in range(config.n_layer))
             self.ln_f = RMSNorm(C)
         self.lm_head = nn.Linear(C, config.vocab_size, bias=False)
@@ -136,13 +140,15 @@ class GPT(nn.Module):
         start = cache.length() if cache is not None else 0       # absolute position of idx[:, 0]
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size "
-                             f"{self.config.block_size}; crop it to the last {self.config.block_size}")
+                             f"{self.config.block_size}; crop it to the last "
+                             f"{self.config.block_size}")
         x = self.wte(idx)                                        # (B, T, C)
         rope = None
         if self.config.block == "gpt2":
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))   # + (T, C) broadcast
-        else:                                                    # the angles of positions start …
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])   # start + T − 1
+            # + (T, C) broadcast
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+        else:                                    # the rotations of positions start … start + T − 1
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cache=cache, layer=i, rope=rope)        # (B, T, C)
@@ -163,7 +169,8 @@ class GPT(nn.Module):
         logits = self.lm_head(x)                                 # (B, T, vocab)
         # Cross-entropy = −log p(correct next token), averaged: in nats (natural log) per token.
         # A model that guesses uniformly scores ln(vocab_size); perplexity is e^loss.
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1)
         return logits, loss
 
     # ------------------------------------------------------------------------------------------
@@ -181,14 +188,17 @@ class GPT(nn.Module):
           probability reaches p (so the set is small when the model is sure, large when not).
         generator: a seeded torch.Generator, for reproducible samples.
         """
-        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and top_p <= 0):
-            raise ValueError(f"need temperature ≥ 0, top_k ≥ 1, 0 < top_p ≤ 1 (got {temperature}, {top_k}, {top_p})")
+        if (temperature < 0 or (top_k is not None and top_k < 1)
+                or (top_p is not None and top_p <= 0)):
+            raise ValueError(f"need temperature ≥ 0, top_k ≥ 1, 0 < top_p ≤ 1 "
+                             f"(got {temperature}, {top_k}, {top_p})")
         if temperature == 0:
             return logits.argmax(dim=-1, keepdim=True)
         # Subtract the largest logit first: the softmax is unchanged, the best token's logit
         # becomes 0 and the rest ≤ 0. Then even a tiny temperature gives 0 and −∞ (probability 1
-        # and 0: greedy, as it should be), never ∞ − ∞ = NaN. In float32, since float16 would
-        # round a temperature below 6e-5 to 0, and 1e-30 is about the least float32 holds.
+        # and 0: greedy, as it should be), never ∞ − ∞ = NaN. The division runs in the logits'
+        # dtype, so in float32 at least: float16 overflows above 65504 (a logit of −10 ÷ 1e-4);
+        # 1e-30 keeps the divisor a number float32 holds (its smallest normal one is ~1e-38).
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, 1e-30)
         if top_k is not None and top_k < logits.size(-1):
@@ -250,7 +260,8 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  use_cache=True, generator=None):
         """Like stream(), but return idx (B, T + max_new_tokens) with all new tokens appended."""
-        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator))
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache,
+                               generator))
         if not new:
             return idx
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
@@ -292,8 +303,7 @@ def strip_wrapper_prefixes(state_dict):
     both load checkpoints through this)."""
     clean = {}
     for name, tensor in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
+        while name.startswith(("_orig_mod.", "module.")):      # DDP around torch.compile: both
+            name = name.split(".", 1)[1]
         clean[name] = tensor
     return clean

@@ -190,7 +190,8 @@ def score_text(model, enc, text, stride=None):
     if n_scored > 100_000:
         print(f"note: scoring {n_scored:,} tokens; this takes a while on a CPU", file=sys.stderr)
     nats_per_token = sliding_window_nats(model, seq, stride) / n_scored
-    return {"nats_per_token": nats_per_token, "perplexity": math.exp(min(nats_per_token, 700)),   # e^700: near float's top
+    # e^700: near float's top
+    return {"nats_per_token": nats_per_token, "perplexity": math.exp(min(nats_per_token, 700)),
             "bits_per_byte": train.bits_per_byte(nats_per_token, n_scored, n_bytes),
             "tokens": n_scored, "bytes": n_bytes}
 
@@ -203,11 +204,13 @@ def score_text(model, enc, text, stride=None):
 # command; the checkpoint decides both, so they only have to agree with it.
 
 def parse_args(argv=None):
-    p = bpe.ArgumentParser(prog="sample.py", description="Generate text with, or score text against, "
-                                                         "a trained GPT.")
+    p = bpe.ArgumentParser(prog="sample.py",
+                           description="Generate text with, or score text against, "
+                                       "a trained GPT.")
     count = bpe.number_flag(int, "≥ 1", lambda n: n >= 1)
     a = p.add_argument
-    a("--checkpoint", default=None, help="checkpoint file (default: the newest checkpoints/*/best_model.pt)")
+    a("--checkpoint", default=None,
+      help="checkpoint file (default: the newest checkpoints/*/best_model.pt)")
     a("--prompt", default="", help="text to continue (empty: start a new document)")
     a("--num_samples", type=count, default=1, help="how many samples to draw")
     a("--max_new_tokens", type=bpe.number_flag(int, "≥ 0", lambda n: n >= 0), default=200,
@@ -218,17 +221,20 @@ def parse_args(argv=None):
     a("--top_p", type=bpe.number_flag(float, "in (0, 1]", lambda p: 0 < p <= 1), default=None,
       help="nucleus sampling: the smallest set of tokens with total probability ≥ p")
     a("--seed", type=int, default=1337, help="random seed: the same seed, the same text")
-    a("--device", type=train.device_flag, default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, "
-                                                              "cuda:1, mps")
+    a("--device", type=train.device_flag, default="auto",
+      help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     a("--no_stream", action="store_true", help="print each sample when it is complete")
-    a("--no_cache", action="store_true", help="recompute the whole context for every token (slow; to compare)")
+    a("--no_cache", action="store_true",
+      help="recompute the whole context for every token (slow; to compare)")
     a("--interactive", action="store_true", help="a prompt loop (Ctrl-D or 'exit' to leave)")
     a("--score", metavar="FILE", default=None,
       help="print the loss on FILE (nats/token, perplexity, bits per byte) and exit")
-    a("--tokenizer", default=None, help="accepted for compatibility with LLM Learning's generate command; "
-                                        "must match the checkpoint")
-    a("--model_type", default=None, help="accepted for compatibility with LLM Learning's generate command; "
-                                         "must match the checkpoint")
+    a("--tokenizer", default=None,
+      help="accepted for compatibility with LLM Learning's generate command; "
+           "must match the checkpoint")
+    a("--model_type", default=None,
+      help="accepted for compatibility with LLM Learning's generate command; "
+           "must match the checkpoint")
     return p.parse_args(argv)
 
 
@@ -237,7 +243,8 @@ def check_flags_agree(ckpt, tokenizer=None, model_type=None):
     with the vocabulary it was trained on, and its shape is in the file. --tokenizer may name the
     run's own --tokenizer value, or the kind of vocabulary ("bpe" for ours)."""
     entry, settings = ckpt["tokenizer"], ckpt.get("train_args") or {}
-    held = {"--tokenizer": {"bpe" if "tokens" in entry else entry["name"], settings.get("tokenizer")},
+    held = {"--tokenizer": {"bpe" if "tokens" in entry else entry["name"],
+                            settings.get("tokenizer")},
             "--model_type": {settings.get("model_type")}}
     for flag, given in (("--tokenizer", tokenizer), ("--model_type", model_type)):
         if given is not None and given not in held[flag]:
@@ -250,7 +257,8 @@ def utf8_output():
     """Write UTF-8 whatever the console's encoding: a Windows console (cp936, cp1252) or LANG=C
     would otherwise raise UnicodeEncodeError on the first Chinese character."""
     for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+        if (hasattr(stream, "reconfigure")
+                and (stream.encoding or "").lower().replace("-", "") != "utf8"):
             stream.reconfigure(encoding="utf-8")
 
 
@@ -293,7 +301,8 @@ def main(argv=None):
     check_flags_agree(ckpt, args.tokenizer, args.model_type)
     if text is not None:
         result = score_text(model, enc, text)
-        print(f"text:          {args.score} — {result['bytes']:,} UTF-8 bytes, {result['tokens']:,} tokens ({enc.name})")
+        print(f"text:          {args.score} — {result['bytes']:,} UTF-8 bytes, "
+              f"{result['tokens']:,} tokens ({enc.name})")
         print(f"loss:          {result['nats_per_token']:.4f} nats/token")
         print(f"perplexity:    {result['perplexity']:.2f}")
         print(f"bits per byte: {result['bits_per_byte']:.4f}")

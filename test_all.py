@@ -310,6 +310,16 @@ def test_grouped_query_attention_with_one_kv_head_per_query_head_is_todays_atten
     assert torch.allclose(grouped(x, still), gpt2_attention(x), atol=1e-6)
 
 
+def test_the_llama_attention_sees_only_relative_positions():
+    torch.manual_seed(0)
+    attn = GroupedQueryAttention(64, 4, n_kv_head=2).eval()
+    x = torch.randn(2, 9, 64)
+    cos, sin = rope_tables(16, 50)
+    at_start, shifted = attn(x, (cos[:9], sin[:9])), attn(x, (cos[30:39], sin[30:39]))
+    assert torch.allclose(at_start, shifted, atol=1e-5)                 # positions 0… and 30…
+    assert not torch.allclose(at_start, attn(x, (torch.ones(9, 8), torch.zeros(9, 8))), atol=1e-3)
+
+
 @pytest.mark.parametrize("Tq,Tk", [(7, 7), (3, 11), (1, 9)])
 def test_written_out_grouped_query_attention_equals_sdpa_with_enable_gqa(Tq, Tk):
     g = torch.Generator().manual_seed(Tq * 10 + Tk)
@@ -537,6 +547,13 @@ def test_the_llama_block_has_no_position_table_and_a_smaller_kv_cache():
 def test_a_config_without_the_block_field_is_gpt2s():
     saved = {k: v for k, v in tiny_gpt().config.to_dict().items() if k not in ("block", "n_kv_head")}
     assert GPTConfig(**saved).block == "gpt2" and hasattr(GPT(GPTConfig(**saved)), "wpe")
+
+
+def test_weights_saved_from_ddp_around_torch_compile_load_into_a_bare_gpt():
+    from gpt import strip_wrapper_prefixes
+    model = tiny_gpt()
+    wrapped = {"module._orig_mod." + name: tensor for name, tensor in model.state_dict().items()}
+    tiny_gpt(seed=1).load_state_dict(strip_wrapper_prefixes(wrapped))
 
 
 def test_gpt_nano_overfits_one_fixed_batch():
@@ -1289,6 +1306,7 @@ def test_max_mb_caps_the_text_tokenized(tmp_path):
     meta = data.load_meta(folder)
     assert 0 < meta["train_bytes"] <= 20_000 and 0 < meta["val_bytes"] <= 2_000
     assert (TEXT * 20).startswith(decoded(folder, "train")[:-len(EOT)])
+    assert decoded(folder, "train")[:-len(EOT)].endswith("\n")        # cut at a line break
 
 
 def test_bare_name_reads_your_own_data_from_data_raw(tmp_path):
@@ -1683,6 +1701,13 @@ def test_resume_with_only_resume_and_the_folder_goes_on_exactly_as_it_was(corpus
     assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
 
 
+def test_resume_with_epochs_runs_that_many_epochs_instead_of_the_saved_step_count(corpus, tmp_path):
+    out = train_ok(corpus, tmp_path / "run", "--max_iters", "2")
+    assert run("train.py", "--resume", "--out_dir", out, "--epochs", "1")[0] == 0
+    ckpt = load_ckpt(out / "last.pt")
+    assert ckpt["iter_num"] == ckpt["data_state"]["n_windows"] // 4 > 2     # one epoch of batches of 4
+
+
 @pytest.mark.parametrize("flag,value", [("--lr", "1e-2"), ("--dropout", "0.3"), ("--dataset", "other.txt")])
 def test_resume_refuses_a_setting_given_anew_naming_those_that_may_change(corpus, tmp_path, flag, value):
     out = train_ok(corpus, tmp_path / "run", "--max_iters", "2")
@@ -1692,6 +1717,15 @@ def test_resume_refuses_a_setting_given_anew_naming_those_that_may_change(corpus
     assert code == 1 and f"{flag} cannot change" in line
     assert all(f"--{name}" in line for name in train.RESUME_MAY_CHANGE)
     assert snapshot(out) == before
+
+
+def test_resume_after_the_text_changed_is_one_line_not_a_silent_new_tokenizer(tmp_path):
+    text = write(tmp_path / "t.txt", SMALL_TEXT)
+    argv = train_argv((text, tmp_path / "data"), tmp_path / "run", "--max_iters", "2")
+    assert run("train.py", *argv)[0] == 0
+    write(text, SMALL_TEXT.replace("人工智能", "机器学习"))       # our BPE would now learn other merges
+    code, _, err = run("train.py", *argv[:-1], "4", "--resume")
+    assert code == 1 and "another tokenizer than" in one_error_line(err)
 
 
 def test_init_from_needs_a_folder_of_its_own(pretrained):
@@ -1840,9 +1874,12 @@ def test_sigterm_saves_a_last_checkpoint_that_resumes(corpus, tmp_path):
 
 
 def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_batch(corpus, tmp_path):
-    single = train_ok(corpus, tmp_path / "single", "--max_iters", "4", "--batch_size", "8")
+    # AdamW: Muon's bfloat16 Newton–Schulz would turn the all-reduce's last-bit rounding into
+    # differences of 1e-4 and more, and hide what this test compares
+    single = train_ok(corpus, tmp_path / "single", "--max_iters", "4", "--batch_size", "8", "--optimizer", "adamw")
     ddp_out = tmp_path / "ddp"
-    argv = [str(a) for a in train_argv(corpus, ddp_out, "--max_iters", "4", "--batch_size", "4")]
+    argv = [str(a) for a in train_argv(corpus, ddp_out, "--max_iters", "4", "--batch_size", "4",
+                                       "--optimizer", "adamw")]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(ROOT / "train.py"), *argv], cwd=ROOT, env=process_env(),
                           capture_output=True, text=True, encoding="utf-8", timeout=240)
@@ -1907,8 +1944,10 @@ def test_sampling_while_training_changes_no_weight(corpus, tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained(corpus, tmp_path_factory):
-    """A gpt-nano trained 30 steps on SMALL_TEXT with our BPE: its best_model.pt."""
-    return train_ok(corpus, tmp_path_factory.mktemp("pretrained") / "run", "--max_iters", "30") / "best_model.pt"
+    """A gpt-nano with GPT-2's block (a position table to crop), trained 30 steps on SMALL_TEXT
+    with our BPE: its best_model.pt."""
+    return train_ok(corpus, tmp_path_factory.mktemp("pretrained") / "run", "--max_iters", "30",
+                    "--block", "gpt2", "--optimizer", "adamw") / "best_model.pt"
 
 
 def fine_tune_argv(pretrained, data_dir, poems_path, out_dir, *extra):
