@@ -13,13 +13,13 @@ What you will learn here, numbered as the section banners:
 Optional sections, for a second reading:
   7. (optional) training fast: the same merges, updating pair counts only where a merge happened;
   8. (optional) what every command line of the suite shares: one-line errors, flag checks,
-     reading text strictly, writing files atomically;
+     reading text strictly, writing files atomically, choosing a device, reading a checkpoint;
   9. (optional) the vocabulary file: a format a person can read;
  10. (optional) the command line.
 
 You need: Python. Nothing of ours comes before this (gpt.py's vocab_size is what this file
-decides). Imports: the standard library, `regex` (for \\p{L} and possessive quantifiers) and
-`tiktoken` (OpenAI's vocabularies, and the fast encoder).
+decides). Imports: the standard library, `regex` (for \\p{L} and possessive quantifiers),
+`tiktoken` (OpenAI's vocabularies, and the fast encoder), and torch in section 8 only.
 Next lesson: data.py, which turns a corpus into a file of these ids.
 
     python bpe.py train FILE --vocab_size 4096 --out tokenizers/zh4096.bpe
@@ -39,6 +39,7 @@ from itertools import chain
 
 import regex
 import tiktoken
+import torch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -727,6 +728,54 @@ def make_writable_folder(folder, flag):
     except OSError as e:
         raise InputError(f"cannot write to {folder} ({e.strerror}) — "
                          f"choose another {flag}") from None
+
+
+TRAIN_HINT = "python train.py --model_type gpt-micro --dataset chinese"
+
+
+def device_flag(name):
+    """An argparse `type=` for --device: auto, or a device torch can use here — a typo or a missing
+    GPU is one line now, not a traceback later."""
+    if name != "auto":
+        try:
+            torch.empty(0, device=name)          # torch itself says whether the device is usable
+        except (RuntimeError, AssertionError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:57]
+            raise argparse.ArgumentTypeError(f"{name} is not a device torch can use here ({reason}) "
+                                             f"— use auto, cpu, cuda, cuda:N or mps") from None
+    return name
+
+
+def pick_device(name="auto"):
+    """'auto' → an NVIDIA GPU (cuda), then Apple's (mps), then the CPU; other names as they are."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def read_checkpoint(path, need=("model", "model_config", "tokenizer")):
+    """A checkpoint file → its dict, by torch.load(weights_only=True): tensors and plain data only.
+    A full pickle can run any code while loading, so a checkpoint from a stranger could take over
+    the machine; weights_only refuses that. Every way it can fail is one line."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a run folder — give a checkpoint in it, "
+                         f"e.g. {path / 'best_model.pt'}")
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {path} — train one with: {TRAIN_HINT}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:     # not torch.save's zip, cut short, or holding pickled classes
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
+        raise InputError(f"{path} is not a whole checkpoint written by train.py ({reason}) — was "
+                         f"it being saved when the run stopped? Give another, e.g. last.pt") from None
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise InputError(f"{path} is not a checkpoint of this project "
+                         f"(it lacks: {', '.join(missing)})")
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ What you will learn here, numbered as the section banners:
   3. generation: temperature, top-k, top-p (nucleus) sampling, streamed one token at a time,
      with the KV cache from attention.py making each new token cheap;
   4. size and cost: counting parameters and FLOPs (for MFU, the share of the hardware's peak we
-     use), and loading saved weights whatever wrapper (torch.compile, DDP) they were saved from.
+     use); a GPT rebuilt from a checkpoint's shape and weights, whatever wrapper (torch.compile,
+     DDP) they were saved from; bits per byte, the loss that compares tokenizers.
 Optional sections: none — every line here is the lesson.
 
 You need: attention.py (Block, LayerNorm, KVCache; LlamaBlock, RMSNorm, rope_tables).
@@ -246,8 +247,9 @@ class GPT(nn.Module):
                 # the context, the window slides one token per step — and since position
                 # embeddings are added at the input, every cached key/value was computed for
                 # a position that has now shifted by one. A slid cache would be wrong, so we
-                # recompute the window, exactly like the no-cache path. (Rotary positions are
-                # relative and would allow sliding; the llama block keeps the same rule.)
+                # recompute the window, exactly like the no-cache path. Rotary positions do not
+                # rescue it: from the second layer on, a cached key was computed from a token
+                # that had attended to tokens now out of the window.
                 cache = KVCache(self.config.n_layer, block_size)
                 x = self.hidden_states(idx[:, -block_size:], cache=cache)
             else:
@@ -295,6 +297,31 @@ class GPT(nn.Module):
         T = self.config.block_size if T is None else T
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, **changes):
+        """A GPT of a checkpoint's shape (its model_config) holding its weights. `changes` replace
+        config fields: train.py's --init_from sets the dropout, and may shrink block_size (the
+        first rows of the position table are kept). Weights that do not fit: a ValueError."""
+        config = GPTConfig(**{**ckpt["model_config"], **changes})
+        weights = strip_wrapper_prefixes(ckpt["model"])
+        if "wpe.weight" in weights:
+            weights["wpe.weight"] = weights["wpe.weight"][:config.block_size]
+        try:
+            model = cls(config)
+            model.load_state_dict(weights)
+        except (AssertionError, TypeError, RuntimeError, KeyError) as e:
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise ValueError(f"the weights do not fit its model_config ({first_line})") from None
+        return model
+
+
+def bits_per_byte(nats_per_token, tokens, n_bytes):
+    """nats/token → bits/byte: × tokens (the text's total nats), ÷ ln 2 (nats → bits), ÷ the
+    text's UTF-8 bytes. A property of the text, not of the tokens: models with different
+    tokenizers compare fairly by it (train.py's evaluations, sample.py's --score)."""
+    return nats_per_token * tokens / math.log(2) / n_bytes
 
 
 def strip_wrapper_prefixes(state_dict):

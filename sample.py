@@ -2,7 +2,7 @@
 
 What you will learn here, numbered as the section banners:
   1. loading a checkpoint: the model and its tokenizer rebuilt from one file, safely
-     (train.read_checkpoint: torch.load with weights_only=True, so no pickled code runs);
+     (bpe.read_checkpoint: torch.load with weights_only=True, so no pickled code runs);
   2. generating: a prompt becomes ids (an empty one starts a new document, a long one keeps
      its end), the model streams new tokens (temperature, top-k, top-p, a seed, the KV cache),
      and bpe.decode_stream prints them as whole characters — no "�" for Chinese or emoji — until
@@ -12,14 +12,15 @@ What you will learn here, numbered as the section banners:
 Optional sections, for a second reading:
   4. (optional) the command line, with an interactive prompt loop.
 
-You need: gpt.py (GPT.stream), bpe.py (get_tokenizer, decode_stream, ENDOFTEXT) and train.py
-(read_checkpoint, build_model, pick_device, bits_per_byte): this file reads what train.py wrote.
+You need: gpt.py (GPT.from_checkpoint, GPT.stream, bits_per_byte) and bpe.py (get_tokenizer,
+decode_stream, ENDOFTEXT, read_checkpoint, pick_device). This file reads what train.py wrote,
+but needs none of its code: sampling loads no training machinery.
 This is the last lesson.
 
     python sample.py --prompt "人工智能"                      # newest checkpoints/*/best_model.pt
     python sample.py --checkpoint checkpoints/gpt-micro/best_model.pt --num_samples 3 --seed 7
     python sample.py --interactive --temperature 0.8 --top_p 0.95
-    python sample.py --score ../shared/corpus/zh_wiki_sentences_cc0.txt
+    python sample.py --score my_text.txt
 """
 import math
 import pathlib
@@ -28,8 +29,8 @@ import sys
 import torch
 
 import bpe
-import train
 from bpe import ENDOFTEXT, InputError
+from gpt import GPT, bits_per_byte
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def newest_checkpoint(root="checkpoints"):
     """The most recently written checkpoints/*/best_model.pt: the run you trained last."""
     found = sorted(pathlib.Path(root).glob("*/best_model.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise InputError(f"no checkpoint found under {root}/ — train one with: {train.TRAIN_HINT}")
+        raise InputError(f"no checkpoint found under {root}/ — train one with: {bpe.TRAIN_HINT}")
     return found[-1]
 
 
@@ -51,9 +52,12 @@ def load_checkpoint(path, device="cpu"):
     OpenAI's vocabulary or carries our own BPE whole (train.make_checkpoint lists every key).
     The model comes back in eval mode: dropout off, so the same seed gives the same text.
     """
-    ckpt = train.read_checkpoint(path)
+    ckpt = bpe.read_checkpoint(path)
     enc = bpe.get_tokenizer(ckpt["tokenizer"])
-    model = train.build_model(ckpt, path)
+    try:
+        model = GPT.from_checkpoint(ckpt)
+    except ValueError as e:                                      # weights that do not fit
+        raise InputError(f"{path}: {e}") from None
     return model.to(device).eval(), enc, ckpt
 
 
@@ -192,7 +196,7 @@ def score_text(model, enc, text, stride=None):
     nats_per_token = sliding_window_nats(model, seq, stride) / n_scored
     # e^700: near float's top
     return {"nats_per_token": nats_per_token, "perplexity": math.exp(min(nats_per_token, 700)),
-            "bits_per_byte": train.bits_per_byte(nats_per_token, n_scored, n_bytes),
+            "bits_per_byte": bits_per_byte(nats_per_token, n_scored, n_bytes),
             "tokens": n_scored, "bytes": n_bytes}
 
 
@@ -221,7 +225,7 @@ def parse_args(argv=None):
     a("--top_p", type=bpe.number_flag(float, "in (0, 1]", lambda p: 0 < p <= 1), default=None,
       help="nucleus sampling: the smallest set of tokens with total probability ≥ p")
     a("--seed", type=int, default=1337, help="random seed: the same seed, the same text")
-    a("--device", type=train.device_flag, default="auto",
+    a("--device", type=bpe.device_flag, default="auto",
       help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     a("--no_stream", action="store_true", help="print each sample when it is complete")
     a("--no_cache", action="store_true",
@@ -295,7 +299,7 @@ def main(argv=None):
     args = parse_args(argv)
     utf8_output()
     path = pathlib.Path(args.checkpoint) if args.checkpoint else newest_checkpoint()
-    device = train.pick_device(args.device)
+    device = bpe.pick_device(args.device)
     text = bpe.read_text(args.score) if args.score else None     # fail fast, before loading
     model, enc, ckpt = load_checkpoint(path, device)
     check_flags_agree(ckpt, args.tokenizer, args.model_type)

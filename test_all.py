@@ -1570,7 +1570,7 @@ def test_our_muon_takes_exactly_torchs_muon_steps(shape):
     g = torch.Generator().manual_seed(shape[0])
     ours, theirs = (torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(1)))
                     for _ in range(2))
-    steps = [train.Muon([ours], lr=0.02, momentum=0.95, weight_decay=0.1),
+    steps = [train.Muon([ours], lr=0.02, momentum=0.95, weight_decay=0.1, ns_dtype=torch.bfloat16),
              torch.optim.Muon([theirs], lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True)]
     start = ours.detach().clone()
     for _ in range(4):
@@ -1581,11 +1581,60 @@ def test_our_muon_takes_exactly_torchs_muon_steps(shape):
     assert torch.equal(ours, theirs) and not torch.allclose(ours, start)
 
 
-def test_orthogonalise_sets_every_singular_value_near_one():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_orthogonalise_sets_every_singular_value_near_one(dtype):
     G = torch.randn(96, 32, generator=torch.Generator().manual_seed(0)) * torch.logspace(-1, 1, 32)
     assert torch.linalg.cond(G) > 100                                   # singular values 100× apart …
-    s = torch.linalg.svdvals(train.orthogonalise(G).float())
+    O = train.orthogonalise(G, dtype=dtype)
+    assert O.dtype == dtype
+    s = torch.linalg.svdvals(O.float())
     assert s.shape == (32,) and 0.5 < s.min() and s.max() < 1.5        # … all brought near 1
+
+
+def test_float32_newton_schulz_is_svds_u_times_v_transposed_within_its_spread():
+    G = torch.randn(64, 160, generator=torch.Generator().manual_seed(1)) * torch.logspace(-1, 1, 160)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    O = train.orthogonalise(G, dtype=torch.float32)
+    # The iteration maps G = U·S·Vᵀ to U·p(S)·Vᵀ for a polynomial p: in U and V's frame, O must be
+    # diagonal, its diagonal p(s) within the spread the coefficients leave (≈ 0.5 … 1.5, not 1).
+    in_frame = U.T @ O @ Vh.T
+    diagonal = in_frame.diagonal()
+    assert (in_frame - torch.diag(diagonal)).abs().max() < 1e-3
+    assert 0.5 < diagonal.min() and diagonal.max() < 1.5
+    assert (O - U @ Vh).norm() / (U @ Vh).norm() < 0.35                  # ≈ U·Vᵀ, as Muon wants
+
+
+@pytest.mark.parametrize("bfloat16_faster,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_muon_iterates_in_bfloat16_only_where_the_cpu_multiplies_it_faster(monkeypatch, bfloat16_faster, expected):
+    # Fake the hardware: the timing says bfloat16 is native (faster) or emulated (slower).
+    times = {torch.bfloat16: 1.0, torch.float32: 2.0} if bfloat16_faster else {torch.bfloat16: 30.0, torch.float32: 2.0}
+    monkeypatch.setattr(train, "matmul_seconds", lambda dtype: times[dtype])
+    train.newton_schulz_dtype.cache_clear()
+    try:
+        assert train.newton_schulz_dtype("cpu") == expected and train.newton_schulz_dtype("cuda") == torch.bfloat16
+        # … and a Muon step on the CPU iterates in that dtype
+        seen, real = [], train.orthogonalise
+        monkeypatch.setattr(train, "orthogonalise", lambda G, dtype: seen.append(dtype) or real(G, dtype=dtype))
+        p = torch.nn.Parameter(torch.randn(48, 96))
+        p.grad = torch.randn(48, 96)
+        train.Muon([p], lr=0.02).step()
+        assert seen == [expected]
+    finally:
+        train.newton_schulz_dtype.cache_clear()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_weight_decay_shrinks_the_matrices_and_nothing_else(optimizer):
+    model = tiny_gpt(seed=0, block="llama")
+    optimizers = train.make_optimizers(model, train.new_settings(optimizer=optimizer, lr=0.1, muon_lr=0.1,
+                                                                  weight_decay=0.5))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)              # no gradient: what moves is moved by decay alone
+    for opt in optimizers:
+        opt.step()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p, before[name] * (0.95 if p.dim() == 2 else 1.0)), name   # 1 − lr·decay
 
 
 def test_muon_drives_the_blocks_matrices_and_adamw_the_rest():
@@ -1648,7 +1697,7 @@ def test_checkpoints_hold_the_documented_keys_and_load_with_weights_only(corpus,
     for name in ("last.pt", "best_model.pt"):
         ckpt = load_ckpt(out / name)
         assert sorted(ckpt) == sorted(documented[1:])                # the docstring lists every key
-        assert not set(ckpt["train_args"]) & set(train.MODEL_CONFIG_FLAGS)   # one copy of each
+        assert train.Settings(**ckpt["train_args"]).block_size == 16     # every setting, as run
         model = GPT(GPTConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         enc = bpe.get_tokenizer(ckpt["tokenizer"])               # our BPE travels inside
@@ -1791,19 +1840,25 @@ def test_an_out_dir_that_cannot_be_written_is_found_before_any_work(corpus, tmp_
     assert not (tmp_path / "data").exists()                      # no data was prepared
 
 
+def start_training(corpus, out):
+    """train.py in a process of its own, run until it has taken 3 steps: (process, argv)."""
+    argv = [str(a) for a in train_argv(corpus, out, "--max_iters", "100000", "--eval_interval", "100000")]
+    proc = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), *argv], cwd=ROOT, env=process_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8")
+    for line in proc.stdout:                                  # wait until it is really training
+        if line.startswith("iter 3/"):
+            break
+    return proc, argv
+
+
 def test_a_second_run_on_the_same_folder_is_kept_out_while_the_first_runs(corpus, tmp_path):
     out = tmp_path / "run"
-    argv = [str(a) for a in train_argv(corpus, out, "--max_iters", "100000", "--eval_interval", "100000")]
-    first = subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), *argv], cwd=ROOT, env=process_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8")
+    first, argv = start_training(corpus, out)
     try:
-        for line in first.stdout:                             # wait until it is really training
-            if line.startswith("iter 3/"):
-                break
         for extra in ((), ("--resume",)):
             code, _, err = run("train.py", *argv, *extra)
             assert code == 1 and "in use by another training run" in one_error_line(err)
-        assert (out / train.LOCK_NAME).read_text().split()[1] == str(first.pid)
+        assert (out / train.LOCK_NAME).read_text().split() == [str(first.pid)]
     finally:
         first.send_signal(signal.SIGTERM)
         rest, _ = first.communicate(timeout=120)
@@ -1811,12 +1866,14 @@ def test_a_second_run_on_the_same_folder_is_kept_out_while_the_first_runs(corpus
     assert not (out / train.LOCK_NAME).exists()
 
 
-def test_a_lock_left_by_a_process_that_has_ended_is_taken_over_with_a_note(corpus, tmp_path):
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+def test_a_run_killed_outright_leaves_no_lock_in_the_way_of_resuming_it(corpus, tmp_path):
     out = tmp_path / "run"
-    write(out / train.LOCK_NAME, f"{socket.gethostname()} {gone.stdout.strip()}")
-    code, _, err = run("train.py", *train_argv(corpus, out, "--max_iters", "2"))
-    assert code == 0 and "note:" in err and "taking it over" in err
+    first, argv = start_training(corpus, out)
+    first.kill()                                              # SIGKILL: no clean-up code runs
+    first.communicate(timeout=60)
+    assert (out / train.LOCK_NAME).exists()                   # the file stays, the OS lock went
+    code, _, err = run("train.py", *argv[:-4], "--max_iters", "2", "--resume")
+    assert code == 0, err
     assert not (out / train.LOCK_NAME).exists()
 
 
@@ -1971,7 +2028,7 @@ def test_init_from_fine_tunes_on_new_text_and_lowers_its_val_loss(pretrained, tm
     assert folder.name.startswith("bpe320-") and data.load_meta(folder)["vocab_size"] == 320
     tokens = {split: data.load_tokens(folder, split) for split in ("train", "val")}
     how = argparse.Namespace(eval_iters=4, block_size=16, batch_size=4)
-    start = train.estimate_loss(train.build_model(old, pretrained), tokens, how, "cpu", contextlib.nullcontext(), 1337)
+    start = train.estimate_loss(GPT.from_checkpoint(old), tokens, how, "cpu", contextlib.nullcontext(), 1337)
     assert start["val"] == pytest.approx(evals[0]["val_loss"], rel=1e-5)
 
 
@@ -1998,7 +2055,7 @@ def test_init_from_may_shrink_the_context(pretrained, tmp_path):
     ckpt = load_ckpt(tmp_path / "ft" / "last.pt")
     assert ckpt["model_config"]["block_size"] == 8 and ckpt["model"]["wpe.weight"].shape[0] == 8
     old = load_ckpt(pretrained)
-    cropped = train.build_model(old, pretrained, block_size=8)             # the first 8 positions
+    cropped = GPT.from_checkpoint(old, block_size=8)                       # the first 8 positions
     assert torch.equal(cropped.wpe.weight, old["model"]["wpe.weight"][:8])
 
 
@@ -2300,14 +2357,14 @@ def bad_checkpoint(tmp_path, kind, good):
 
 @pytest.mark.parametrize("kind,says", [
     ("missing", "train one with: python train.py --model_type gpt-micro --dataset chinese"),
-    ("truncated", "truncated or damaged"),
-    ("text", "is not a checkpoint (not a file torch.save wrote)"),
-    ("chinese", "is not a checkpoint (not a file torch.save wrote)"),
-    ("json", "is not a checkpoint (not a file torch.save wrote)"),
-    ("blank", "is not a checkpoint (not a file torch.save wrote)"),
-    ("empty", "is not a checkpoint (not a file torch.save wrote)"),
+    ("truncated", "is not a whole checkpoint written by train.py"),
+    ("text", "is not a whole checkpoint written by train.py"),
+    ("chinese", "is not a whole checkpoint written by train.py"),
+    ("json", "is not a whole checkpoint written by train.py"),
+    ("blank", "is not a whole checkpoint written by train.py"),
+    ("empty", "is not a whole checkpoint written by train.py"),
     ("tensor", "not a checkpoint of this project"),
-    ("pickled_class", "holds pickled Python objects"),
+    ("pickled_class", "is not a whole checkpoint written by train.py (Weights only load failed"),
     ("heads", "the weights do not fit its model_config"),
     ("folder", "is a run folder"),
 ])
@@ -2345,7 +2402,7 @@ def test_with_no_checkpoint_flag_and_none_trained_the_error_says_how_to_train_on
     monkeypatch.chdir(tmp_path)
     code, out, err = run("sample.py", "--prompt", "人工智能")
     assert code == 1 and out == ""
-    assert err == f"error: no checkpoint found under checkpoints/ — train one with: {train.TRAIN_HINT}\n"
+    assert err == f"error: no checkpoint found under checkpoints/ — train one with: {bpe.TRAIN_HINT}\n"
 
 
 def test_offline_without_tiktokens_files_the_error_names_tiktoken_cache_dir(gpt2_checkpoint, tmp_path):

@@ -1,28 +1,29 @@
 """Lesson 5 — training: the whole loop in plain code.
 
 What you will learn here, numbered as the section banners:
-  1. the settings of a run, each with its default, and the defaults each model size trains with;
-  2. device and precision: CUDA / MPS / CPU, bfloat16 or float16 autocast, and why float16 needs
-     a GradScaler while bfloat16 does not;
+  1. the settings of a run — each with its default and its meaning, in one place that the
+     command line reads too — and the defaults each model size trains with;
+  2. device and precision: bfloat16 or float16 autocast, and why float16 needs a GradScaler
+     while bfloat16 does not;
   3. the optimizers — AdamW (weight decay only on matrices), and Muon, which orthogonalises each
      hidden matrix's update — and the learning-rate schedule (linear warm-up, then cosine decay);
   4. one optimisation step: gradient accumulation over micro-batches, unscaling, clipping;
   5. evaluation in nats/token, perplexity and bits per byte (comparable across tokenizers);
   6. the checkpoint: one function builds it and says who reads each key; putting it back so a
      resumed run goes on exactly as if it had never stopped;
-  7. the run: setting it up (fresh, resumed, or started from another model's weights), the loop
-     itself — a visible `while`, no trainer class — and evaluating and saving.
+  7. the run: set up (fresh, resumed, or started from another model's weights), then the loop
+     itself — a visible `while` that evaluates, saves, steps and logs; no trainer class.
 Optional sections, for a second reading:
-  8. (optional) progress: log lines with tokens/s and MFU, log.jsonl, loss.svg, and a sample of
-     the model's writing while it trains (--sample_every);
-  9. (optional) the run folder: one run at a time (a lock), checked before any work, a log that
-     rewinds on resume, and clean stops on Ctrl-C / SIGTERM;
+  8. (optional) progress you can watch: log.jsonl, loss.svg, a sample while it trains;
+  9. (optional) the run folder: one run at a time (an OS lock), a log that rewinds on resume,
+     and clean stops on Ctrl-C / SIGTERM;
  10. (optional) several processes: DDP under torchrun, on one machine or several;
  11. (optional) the command line: a flag for every setting, and what --resume and --init_from
      take from a checkpoint.
 
-You need: gpt.py (the model), bpe.py (tokenizers, decode_stream), data.py (prepare, token files
-and batches).
+You need: gpt.py (the model, GPT.from_checkpoint, bits_per_byte), bpe.py (tokenizers, and what
+every command line shares: one-line errors, pick_device, read_checkpoint), data.py (prepare,
+token files and batches).
 Next lesson: sample.py turns the checkpoint this file writes back into text.
 
     python train.py --model_type gpt-micro --dataset chinese --max_iters 2000
@@ -34,13 +35,13 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
 import pathlib
 import random
 import signal
-import socket
 import sys
 import time
 
@@ -51,79 +52,112 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import bpe
 import data
 from bpe import InputError
-from gpt import GPT, PRESETS, GPTConfig, strip_wrapper_prefixes
+from gpt import GPT, PRESETS, GPTConfig, bits_per_byte
+
+try:
+    import fcntl                             # the OS file lock of Linux and macOS (section 9)
+except ImportError:                          # Windows
+    fcntl = None
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. Settings and defaults
 # ----------------------------------------------------------------------------------------------
-# Every setting of a run, with its default; the command line has a flag for each (`--name value`),
-# and a checkpoint stores them all, so that --resume goes on with exactly these. A default of None
-# means "the model size's own" (PRESET_DEFAULTS below) or is explained beside it.
+# Every setting of a run, once: its name, its default, what it means, and how the command line
+# checks it (section 11 makes a flag `--name value` of each). A checkpoint stores them all, so
+# that --resume goes on with exactly these. A default of None means "the model size's own"
+# (PRESET_DEFAULTS below) or is explained beside it.
+
+def setting(default, meaning, **flag):
+    """A field of Settings: its default, its meaning (the flag's --help), and argparse's checks."""
+    return dataclasses.field(default=default, metadata=dict(help=meaning, **flag))
+
+
+COUNT = bpe.number_flag(int, "≥ 1", lambda n: n >= 1)                # argparse `type=` checks
+WHOLE = bpe.number_flag(int, "≥ 0", lambda n: n >= 0)
+POSITIVE = bpe.number_flag(float, "> 0", lambda x: x > 0)
+NON_NEGATIVE = bpe.number_flag(float, "≥ 0", lambda x: x >= 0)
+FRACTION = bpe.number_flag(float, "in [0, 1)", lambda x: 0 <= x < 1)
+
 
 @dataclasses.dataclass
 class Settings:
     # what to train, on what
-    model_type: str = "gpt-micro"           # a size from gpt.PRESETS
-    dataset: str = "chinese"                # built-in name, a path, or NAME for data/raw/NAME/
-    # "bpe" (ours, trained on the dataset, vocab_size ids), gpt2, cl100k_base, or a saved BPE's path
-    tokenizer: str = data.DEFAULT_TOKENIZER
-    vocab_size: int = data.DEFAULT_VOCAB_SIZE
-    data_dir: str = "data"                  # raw downloads and token files
-    max_mb: float = None                    # use only this many MB of the text (None: all of it)
-    num_proc: int = None                    # tokenizing threads (None: every core)
+    model_type: str = setting("gpt-micro", "a size from gpt.PRESETS", choices=list(PRESETS))
+    dataset: str = setting("chinese", "a built-in name (data.DATASETS), a .txt/.jsonl/.json file "
+                                      "or a folder of them, or NAME for data/raw/NAME/")
+    tokenizer: str = setting(data.DEFAULT_TOKENIZER, "bpe (ours, trained on the dataset), gpt2, "
+                                                     "cl100k_base, or a saved BPE's path")
+    vocab_size: int = setting(data.DEFAULT_VOCAB_SIZE, "our BPE's vocabulary (with bpe)",
+                              type=bpe.VOCAB_SIZE_FLAG)
+    data_dir: str = setting("data", "raw downloads and token files", type=bpe.folder_flag)
+    max_mb: float = setting(None, "use only this many MB of the text (None: all of it)",
+                            type=bpe.MAX_MB_FLAG)
+    num_proc: int = setting(None, "tokenizing threads (None: every core)", type=COUNT)
     # the model
-    block: str = None                       # "gpt2" (GPT-2's block) or "llama" (Llama's)
-    n_kv_head: int = None                   # the llama block's key/value heads (None: one per head)
-    block_size: int = None                  # context in tokens
-    dropout: float = 0.0  # 0 for pre-training on plenty of data; 0.1–0.2 on little
-    bias: bool = True                       # biases in Linear layers and LayerNorms (GPT-2's block)
+    block: str = setting(None, "gpt2 (GPT-2's block) or llama (RMSNorm, RoPE, SwiGLU, GQA)",
+                         choices=["gpt2", "llama"])
+    n_kv_head: int = setting(None, "the llama block's key/value heads (None: one per head)",
+                             type=COUNT)
+    block_size: int = setting(None, "the context, in tokens", type=COUNT)
+    dropout: float = setting(0.0, "0 to pre-train on plenty of data; 0.1–0.2 on little",
+                             type=FRACTION)
+    bias: int = setting(1, "1: biases in Linear layers and LayerNorms (GPT-2's block); 0: none",
+                        type=int, choices=[0, 1])
     # how long, in what batches, at what learning rate
-    max_iters: int = None                   # optimizer steps; None with epochs: epochs decide
-    epochs: float = None                    # passes over the training tokens
-    batch_size: int = None                  # sequences per micro-batch, per process
-    grad_accum: int = 1                     # micro-batches per optimizer step
-    optimizer: str = None                   # "adamw", or "muon" for the blocks' matrices (+ AdamW)
-    lr: float = None                        # peak learning rate (AdamW's)
-    muon_lr: float = 0.02                   # Muon's peak learning rate
-    min_lr: float = None                    # the end of the cosine (None: lr / 10)
-    warmup_iters: int = None                # steps of linear warm-up
-    lr_decay_iters: int = None              # the cosine's length (None: the whole run)
-    weight_decay: float = 0.1               # AdamW's, on matrices only
-    beta2: float = None                     # AdamW's β2
-    grad_clip: float = 1.0                  # clip the gradient norm to this (0: never)
+    max_iters: int = setting(None, "optimizer steps (given with --epochs, this wins)", type=COUNT)
+    epochs: float = setting(None, "passes over the training tokens, instead of --max_iters",
+                            type=POSITIVE)
+    batch_size: int = setting(None, "sequences per micro-batch, per process", type=COUNT)
+    grad_accum: int = setting(1, "micro-batches per optimizer step (the second name is LLM "
+                                 "Learning's)", type=COUNT, aliases=["--gradient_accumulation_steps"])
+    optimizer: str = setting(None, "adamw, or muon for the blocks' matrices (+ adamw for the rest)",
+                             choices=["adamw", "muon"])
+    lr: float = setting(None, "peak learning rate (AdamW's)", type=POSITIVE)
+    muon_lr: float = setting(0.02, "Muon's peak learning rate", type=POSITIVE)
+    min_lr: float = setting(None, "the end of the cosine (None: lr / 10)", type=NON_NEGATIVE)
+    warmup_iters: int = setting(None, "steps of linear warm-up", type=WHOLE)
+    lr_decay_iters: int = setting(None, "the cosine's length (None: the whole run)", type=COUNT)
+    weight_decay: float = setting(0.1, "AdamW's (and Muon's), on matrices only",
+                                  type=NON_NEGATIVE)
+    beta2: float = setting(None, "AdamW's β2", type=FRACTION)
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: never)", type=NON_NEGATIVE)
     # where, and how fast
-    dtype: str = "auto"                     # auto, float32, bfloat16, float16
-    device: str = "auto"                    # auto, cpu, cuda, cuda:N, mps
-    compile: bool = False                   # torch.compile the model (faster on a GPU)
+    dtype: str = setting("auto", "autocast precision (auto: float32 on a CPU, bfloat16 or "
+                                 "float16 on a GPU)", choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps",
+                          type=bpe.device_flag)
+    compile: bool = setting(False, "torch.compile the model (faster on a GPU, after a warm-up)")
     # watching it learn
-    eval_interval: int = 250                # evaluate and save every N steps
-    eval_iters: int = 20                    # batches per evaluation
-    log_interval: int = 10                  # a progress line every N steps
-    sample_every: int = 0                   # print a sample at every N-th evaluation (0: never)
-    sample_prompt: str = None               # (None: the validation text's first line)
-    sample_tokens: int = 60
+    eval_interval: int = setting(250, "evaluate and save every N steps", type=COUNT)
+    eval_iters: int = setting(20, "batches per evaluation", type=COUNT)
+    log_interval: int = setting(10, "a progress line every N steps", type=COUNT)
+    sample_every: int = setting(0, "print a sample at every N-th evaluation (0: never)", type=WHOLE)
+    sample_prompt: str = setting(None, "its prompt (None: the validation text's first line)")
+    sample_tokens: int = setting(60, "its length in tokens", type=COUNT)
     # where it goes
-    out_dir: str = None                     # the run folder (None: checkpoints/<model_type>)
-    seed: int = 1337                        # weights, data order, dropout
+    out_dir: str = setting(None, "the run folder (None: checkpoints/<model_type>)",
+                           type=bpe.folder_flag)
+    seed: int = setting(1337, "seeds the weights, the data order and dropout", type=int)
 
 
-# What each size trains well with. nano/micro/mini are sized for a CPU (a few thousand steps in
-# minutes to an hour); gpt-small and the GPT-2 sizes want a GPU (for GPT-2's ~0.5M tokens a step,
-# add --grad_accum 40 as nanoGPT does). The small sizes take the llama block and Muon: in equal
-# CPU time they reach 0.14–0.28 bits/byte less than GPT-2's block with AdamW (README, "Measured
-# results"); the gpt2* sizes keep GPT-2's block and AdamW, comparable with GPT-2 and nanoGPT.
+# What each size trains with. nano/micro/mini are sized for a CPU (minutes to an hour); gpt-small
+# and the GPT-2 sizes want a GPU (for GPT-2's ~0.5M tokens a step, add --grad_accum 40 as nanoGPT
+# does). The small sizes take the llama block with Muon at the learning rates, warm-up and batch
+# that won bench.py's equal-time comparison on gpt-micro (README, "Measured results": the rows
+# marked "default", run without these flags); nano and mini take gpt-micro's rates untested.
+# The gpt2* sizes keep GPT-2's block and AdamW, comparable with GPT-2 and nanoGPT.
 # β2 = 0.99 averages the squared gradients over ~100 steps, steadier for the small, noisy batches
 # of a CPU run; big batches take nanoGPT's 0.95.
 PRESET_DEFAULTS = {
     "gpt-nano":    dict(block_size=64,   batch_size=32, lr=2e-3,
-                        max_iters=2000,   warmup_iters=100,  beta2=0.99,
+                        max_iters=2000,   warmup_iters=50,   beta2=0.99,
                         block="llama", optimizer="muon"),
-    "gpt-micro":   dict(block_size=128,  batch_size=32, lr=1e-3,
-                        max_iters=5000,   warmup_iters=100,  beta2=0.99,
+    "gpt-micro":   dict(block_size=128,  batch_size=16, lr=2e-3,
+                        max_iters=5000,   warmup_iters=50,   beta2=0.99,
                         block="llama", optimizer="muon"),
-    "gpt-mini":    dict(block_size=256,  batch_size=32, lr=1e-3,
-                        max_iters=5000,   warmup_iters=200,  beta2=0.99,
+    "gpt-mini":    dict(block_size=256,  batch_size=16, lr=2e-3,
+                        max_iters=5000,   warmup_iters=50,   beta2=0.99,
                         block="llama", optimizer="muon"),
     "gpt-small":   dict(block_size=512,  batch_size=16, lr=6e-4,
                         max_iters=20000,  warmup_iters=500,  beta2=0.99,
@@ -156,16 +190,6 @@ def new_settings(**given):
 # ----------------------------------------------------------------------------------------------
 # 2. Device and precision
 # ----------------------------------------------------------------------------------------------
-
-def pick_device(name="auto"):
-    """'auto' → an NVIDIA GPU (cuda), then Apple's (mps), then the CPU; other names as they are
-    (the command line's device_flag checked them). sample.py uses this too."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
 
 def pick_dtype(name, device):
     """float32 on a CPU unless asked; on a GPU bfloat16 if supported, else float16.
@@ -202,10 +226,10 @@ def autocast_context(device, dtype):
 # 0.5 and 1.5, which trains just as well). bfloat16 is precise enough for that.
 # Embeddings, the output layer and the gains are no hidden matrices: they stay with AdamW.
 
-def orthogonalise(G, steps=5):
-    """≈ U·Vᵀ for G = U·S·Vᵀ (2-D), by Newton–Schulz iterations, in bfloat16."""
+def orthogonalise(G, steps=5, dtype=torch.bfloat16):
+    """≈ U·Vᵀ for G = U·S·Vᵀ (2-D), by Newton–Schulz iterations in `dtype`."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G.bfloat16()
+    X = G.to(dtype)
     tall = X.size(0) > X.size(1)
     if tall:
         X = X.T                                  # iterate on the wide side: XXᵀ is the small one
@@ -218,11 +242,40 @@ def orthogonalise(G, steps=5):
     return X.T if tall else X
 
 
-class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, then each update orthogonalised; for 2-D weights only."""
+# Which dtype to iterate in: bfloat16 halves the work where the hardware multiplies bfloat16 —
+# NVIDIA GPUs, and CPUs with AVX512-BF16 or AMX. Elsewhere (most laptops: AVX2 only) torch
+# emulates it, 15–18× slower than float32, and Muon's step would cost more than the model's. So we
+# ask the hardware, once per process: a small matmul timed in each dtype.
 
-    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0):
+def matmul_seconds(dtype, n=256, repeat=5):
+    """The fastest of `repeat` (n × n) @ (n × n) products in `dtype` on the CPU, in seconds."""
+    x = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dtype)  # not the global
+    x @ x                                        # RNG: a resumed run must draw what the first did
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        x @ x
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def newton_schulz_dtype(device_type):
+    """bfloat16 on CUDA and on a CPU where it is the faster of the two; float32 elsewhere."""
+    if device_type == "cuda":
+        return torch.bfloat16
+    if device_type == "cpu" and matmul_seconds(torch.bfloat16) < matmul_seconds(torch.float32):
+        return torch.bfloat16
+    return torch.float32
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then each update orthogonalised; for 2-D weights only. ns_dtype: the
+    Newton–Schulz dtype (None: newton_schulz_dtype decides for the weights' device)."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, ns_dtype=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self):
@@ -234,7 +287,8 @@ class Muon(torch.optim.Optimizer):
                 m = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 m.lerp_(p.grad, 1 - mu)                  # m ← μ·m + (1 − μ)·g: recent gradients
                 # Nesterov: (1 − μ)·g + μ·m, a step ahead
-                update = orthogonalise(p.grad.lerp(m, mu))
+                update = orthogonalise(p.grad.lerp(m, mu),
+                                       dtype=self.ns_dtype or newton_schulz_dtype(p.device.type))
                 p.mul_(1 - lr * group["weight_decay"])   # decoupled weight decay, as AdamW's
                 # U·Vᵀ of a (rows, cols) matrix has entries of size ~1/√max(rows, cols); a tall
                 # matrix gets √(rows/cols) more, so that every matrix moves alike per step.
@@ -256,12 +310,10 @@ def make_optimizers(model, settings):
     rest = [p for name, p in named if not hidden(name, p)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": settings.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    # fused=True: one kernel updates every tensor instead of a loop of small ops per tensor.
-    # It exists on CUDA, and on CPU from torch 2.4; elsewhere we fall back to the loop.
-    try:
-        adamw = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2), fused=True)
-    except (RuntimeError, TypeError):                          # older torch, or MPS
-        adamw = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2))
+    # fused=True: one kernel updates every tensor instead of a loop of small ops per tensor (CUDA,
+    # and the CPU since torch 2.4). Apple's MPS has none: there the plain loop.
+    fused = torch.device(next(model.parameters()).device).type in ("cuda", "cpu")
+    adamw = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2), fused=fused)
     if settings.optimizer != "muon":
         return [adamw]
     matrices = [p for name, p in named if hidden(name, p)]
@@ -361,25 +413,13 @@ def estimate_loss(model, tokens_by_split, settings, device, autocast_ctx, seed):
     return out
 
 
-def bits_per_byte(nats_per_token, tokens, n_bytes):
-    """nats/token → bits/byte: × tokens (the text's total nats), ÷ ln 2 (nats → bits), ÷ the
-    text's UTF-8 bytes. A property of the text, not of the tokens: models with different
-    tokenizers compare fairly by it. sample.py scores texts with it too."""
-    return nats_per_token * tokens / math.log(2) / n_bytes
-
-
 # ----------------------------------------------------------------------------------------------
 # 6. The checkpoint
 # ----------------------------------------------------------------------------------------------
 # A checkpoint is one dict that torch.load(path, weights_only=True) can read: tensors and plain
-# Python (dict, list, str, int, float) only. A full pickle can run any code while loading, so a
-# checkpoint downloaded from a stranger could take over the machine; weights_only refuses that,
-# which is why nothing in ours is a class. make_checkpoint lists every key and who reads it.
+# Python (dict, list, str, int, float) only, never a pickled class (bpe.read_checkpoint says why).
 
-MODEL_CONFIG_FLAGS = ("block", "n_kv_head", "block_size", "dropout", "bias")  # kept in model_config
-
-
-def make_checkpoint(run):
+def make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer, progress):
     """Everything a run is, at this moment, as one dict:
 
     key            what it holds                                      who reads it
@@ -391,30 +431,28 @@ def make_checkpoint(run):
     scaler         the float16 GradScaler's state, or None            --resume
     iter_num       optimizer steps taken                              --resume; --init_from notes it
     best_val_loss  the lowest val loss so far, nats/token             --resume
-    train_args     every setting but MODEL_CONFIG_FLAGS (one copy)    --resume, sample.py's check
+    train_args     every setting of the run (Settings)                --resume, init_from, sample.py
     rng            the state of every random generator a step draws   --resume
     data_state     where the batch iterator stands (BatchIterator)    --resume
     history        (iteration, loss) of every evaluation: loss.svg    --resume
     init_from      {"path", "iter_num"} of the checkpoint this run    a record for you
                    started from (--init_from), or None
+
+    (iter_num, best_val_loss, history, init_from change as it goes: `progress`, as restore gives.)
     """
-    settings = dataclasses.asdict(run.settings)
     return {
-        "model": run.model.state_dict(),
-        "model_config": run.model.config.to_dict(),
-        "tokenizer": run.tokenizer_entry,
-        "optimizer": [optimizer.state_dict() for optimizer in run.optimizers],
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "iter_num": run.iter_num,
-        "best_val_loss": run.best_val_loss,
-        "train_args": {k: v for k, v in settings.items() if k not in MODEL_CONFIG_FLAGS},
+        "model": model.state_dict(),
+        "model_config": model.config.to_dict(),
+        "tokenizer": bpe.tokenizer_entry(tokenizer),
+        "optimizer": [optimizer.state_dict() for optimizer in optimizers],
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "train_args": dataclasses.asdict(settings),
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                 # the current GPU's. Only rank 0 saves, and every rank restores its state: all
                 # ranks were seeded alike and draw alike, so their generators were equal anyway.
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-        "data_state": run.batches.state_dict(),
-        "history": run.history,
-        "init_from": run.init_from,
+        "data_state": batches.state_dict(),
+        **progress,
     }
 
 
@@ -426,159 +464,31 @@ def save_checkpoint(checkpoint, path):
         with bpe.atomic_path(path) as temp:
             torch.save(checkpoint, temp)
     except (OSError, RuntimeError) as e:
-        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:100]
-        raise InputError(f"could not save {path} ({reason}) — is {pathlib.Path(path).parent} "
-                         f"full or read-only? The checkpoint already there is untouched") from None
+        raise InputError(f"could not save {path} ({str(e).strip()[:100]}) — is "
+                         f"{pathlib.Path(path).parent} full or read-only? The checkpoint already "
+                         f"there is untouched") from None
 
 
-def build_model(ckpt, path, **changes):
-    """GPT(GPTConfig(**model_config)) with the saved weights. `changes` replace config fields:
-    --init_from sets the dropout, and may shrink block_size (the first position rows are kept)."""
-    config = GPTConfig(**{**ckpt["model_config"], **changes})
-    weights = strip_wrapper_prefixes(ckpt["model"])
-    if "wpe.weight" in weights:
-        weights["wpe.weight"] = weights["wpe.weight"][:config.block_size]
-    try:
-        model = GPT(config)
-        model.load_state_dict(weights)
-    except (AssertionError, TypeError, ValueError, RuntimeError, KeyError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise InputError(f"{path}: the weights do not fit its model_config "
-                         f"({first_line})") from None
-    return model
-
-
-def restore(run, ckpt):
-    """--resume: put back everything make_checkpoint saved, so the run continues exactly."""
-    run.model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
-    # (a checkpoint from before Muon holds one optimizer state, not a list)
-    states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]
-    for optimizer, state in zip(run.optimizers, states):
+def restore(ckpt, optimizers, scaler, batches):
+    """--resume: put back what make_checkpoint saved (the weights are back already: the model
+    was built from this checkpoint), so the run continues exactly; return its progress."""
+    for optimizer, state in zip(optimizers, ckpt["optimizer"]):
         optimizer.load_state_dict(state)
     if ckpt["scaler"] is not None:
-        run.scaler.load_state_dict(ckpt["scaler"])
-    run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    run.history, run.init_from = ckpt["history"], ckpt["init_from"]
-    run.batches.load_state_dict(ckpt["data_state"])
+        scaler.load_state_dict(ckpt["scaler"])
+    batches.load_state_dict(ckpt["data_state"])
     # Last, every generator: the next batch, the next dropout mask, are then exactly those the
     # uninterrupted run would have drawn.
     random.setstate(ckpt["rng"]["python"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    return {key: ckpt[key] for key in ("iter_num", "best_val_loss", "history", "init_from")}
 
 
 # ----------------------------------------------------------------------------------------------
 # 7. The run
 # ----------------------------------------------------------------------------------------------
-# The loop calls into the optional sections: progress lines and samples (section 8), the run
-# folder and clean stops (section 9), and several processes (section 10). Each name says what it
-# does, so a first reading can take them on trust.
-
-@dataclasses.dataclass
-class Run:
-    """What one training run carries from step to step: what a checkpoint saves, and the rest."""
-    settings: Settings
-    device: str
-    dtype: str
-    rank: int                                # this process's number (0 when alone), and the
-    world: int                               # number of processes
-    meta: dict                               # data.py's meta.json: token and byte counts
-    tokens: dict                             # {"train": tensor, "val": tensor}, mapped from disk
-    batches: data.BatchIterator
-    model: GPT                               # the bare model: what we save and sample from
-    optimizers: list                         # [AdamW], or [Muon, AdamW]
-    scaler: torch.amp.GradScaler
-    tokenizer_entry: dict
-    total_iters: int
-    iter_num: int = 0
-    best_val_loss: float = float("inf")
-    history: dict = dataclasses.field(default_factory=lambda: {"train": [], "val": []})
-    init_from: dict = None
-    timed_since: tuple = (0.0, 0)            # (time, iteration) tokens/s is measured from
-
-    @property
-    def master(self):
-        """Only the first process prints and writes files: the others would write the same."""
-        return self.rank == 0
-
-    @property
-    def out(self):
-        """The run folder (--out_dir): last.pt, best_model.pt, log.jsonl, loss.svg."""
-        return pathlib.Path(self.settings.out_dir)
-
-
-def tokenizer_for(settings, resume, start):
-    """The tokenizer to prepare the data with: --tokenizer for a new run; the checkpoint's own for
-    a run started from one, or resumed — except that a resumed run which trained its own BPE asks
-    for "bpe" again, and so finds the data folder, and the BPE in it, that it wrote."""
-    if start is not None:
-        return bpe.tokenizer_from_entry(start["tokenizer"])
-    if resume is not None and not (settings.tokenizer == "bpe" and resume["init_from"] is None):
-        return bpe.tokenizer_from_entry(resume["tokenizer"])
-    return settings.tokenizer
-
-
-def start_run(settings, resume, start):
-    """Everything before the first step: the device, the data, the model and the optimizer —
-    fresh, or continuing `resume` (out_dir/last.pt), or starting from `start` (--init_from)."""
-    device = pick_device(settings.device)
-    rank, local_rank, world, device = setup_distributed(device)
-    dtype = pick_dtype(settings.dtype, device)
-    if device.startswith("cuda"):
-        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8× faster, and precise
-        # enough for training.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # The weights' initialisation and dropout draw from torch's global generator: seeding it makes
-    # a run repeatable, and the checkpoint's "rng" carries it on across a resume.
-    torch.manual_seed(settings.seed)
-    random.seed(settings.seed)
-    # The data, then the model: the model's vocabulary is the size of the tokenizer the data was
-    # written with (data.py's meta.json says it).
-    folder = prepare_data(settings, tokenizer_for(settings, resume, start), local_rank)
-    tokenizer = data.load_tokenizer(folder)
-    if resume is not None and bpe.tokenizer_from_entry(resume["tokenizer"]) != tokenizer:
-        raise InputError(f"{folder} now holds another tokenizer than {settings.out_dir}/last.pt: "
-                         f"the text changed since — resume with the text as it was, "
-                         f"or start a new run")
-    meta = data.load_meta(folder)
-    tokens = {split: data.load_tokens(folder, split) for split in ("train", "val")}
-    batches = data.BatchIterator(tokens["train"], settings.block_size, settings.batch_size,
-                                 seed=settings.seed, rank=rank, world_size=world, device=device)
-    if start is not None:
-        model = build_model(start, start["path"], block_size=settings.block_size,
-                            dropout=settings.dropout)
-    else:
-        model = GPT(GPTConfig.from_preset(settings.model_type, vocab_size=meta["vocab_size"],
-                                          block_size=settings.block_size, dropout=settings.dropout,
-                                          bias=bool(settings.bias), block=settings.block,
-                                          n_kv_head=settings.n_kv_head))
-    model.to(device)
-    optimizers = make_optimizers(model, settings)
-    # The scaler is only active for float16; for other dtypes every call passes straight through.
-    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
-    run = Run(settings, device, dtype, rank, world, meta, tokens, batches, model, optimizers,
-              scaler, bpe.tokenizer_entry(tokenizer), total_iters=count_iters(settings, batches),
-              init_from=({"path": str(start["path"]), "iter_num": start["iter_num"]}
-                         if start else None))
-    if resume is not None:
-        restore(run, resume)
-        if run.master:
-            rewind_log(run.out / "log.jsonl", run.iter_num)
-            print(f"resumed from {run.out / 'last.pt'} at iteration {run.iter_num}")
-    elif run.master:
-        (run.out / "log.jsonl").unlink(missing_ok=True)
-    return run
-
-
-def count_iters(settings, batches):
-    """The run's length in optimizer steps: --max_iters, else --epochs passes over the data."""
-    if settings.max_iters is not None:
-        return settings.max_iters
-    steps_per_epoch = max(1, batches.steps_per_epoch // settings.grad_accum)
-    return max(1, round(settings.epochs * steps_per_epoch))
-
 
 def train(settings, resume=None, start=None):
     """A whole training run; returns {"iter_num", "best_val_loss", "history"}.
@@ -586,102 +496,165 @@ def train(settings, resume=None, start=None):
     resume: the checkpoint of the run to continue (out_dir/last.pt); start: a checkpoint whose
     weights, shape and tokenizer a new run begins from (--init_from), its "path" added.
     """
-    with claim_out_dir(settings.out_dir, resume is not None):  # the folder is ours: checked, locked
-        run = start_run(settings, resume, start)
-        wrapped = wrap_model(run)                # run.model inside torch.compile and/or DDP
-        autocast_ctx = autocast_context(run.device, run.dtype)
-        print_start(run)
-        # The loop: at each iteration first evaluate (every eval_interval steps), then stop or
-        # take one step. Evaluating first means iteration 0 measures the model as it starts, and
-        # the last evaluation sees the final weights.
-        stopping = False
+    out = pathlib.Path(settings.out_dir)
+    with claim_out_dir(out, resume is not None):  # the run folder is ours: checked, locked (§ 9)
+        # --- set up: where, the data, the model, the optimizers --------------------------------
+        device = bpe.pick_device(settings.device)
+        rank, local_rank, world, device = setup_distributed(device)             # (§ 10)
+        master = rank == 0                       # only the first process prints and saves
+        dtype = pick_dtype(settings.dtype, device)
+        if device.startswith("cuda"):
+            # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8× faster, and
+            # precise enough for training.
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # The weights' initialisation and dropout draw from torch's global generator: seeding it
+        # makes a run repeatable, and the checkpoint's "rng" carries it on across a resume.
+        torch.manual_seed(settings.seed)
+        random.seed(settings.seed)
+        # The data first: the model's vocabulary is the size of the tokenizer it was written with.
+        folder = prepare_data(settings, tokenizer_for(settings, resume, start), local_rank)
+        tokenizer, meta = data.load_tokenizer(folder), data.load_meta(folder)
+        if resume is not None and bpe.tokenizer_from_entry(resume["tokenizer"]) != tokenizer:
+            raise InputError(f"{folder} now holds another tokenizer than {out}/last.pt: the text "
+                             f"changed since — resume with the text as it was, or start a new run")
+        tokens = {split: data.load_tokens(folder, split) for split in ("train", "val")}
+        batches = data.BatchIterator(tokens["train"], settings.block_size, settings.batch_size,
+                                     seed=settings.seed, rank=rank, world_size=world, device=device)
+        if resume or start:                      # the checkpoint's shape and weights
+            try:
+                model = GPT.from_checkpoint(resume or start, block_size=settings.block_size,
+                                            dropout=settings.dropout)
+            except ValueError as e:
+                raise InputError(f"{out / 'last.pt' if resume else start['path']}: {e}") from None
+        else:
+            model = GPT(GPTConfig.from_preset(settings.model_type, vocab_size=meta["vocab_size"],
+                                              block_size=settings.block_size,
+                                              dropout=settings.dropout, bias=bool(settings.bias),
+                                              block=settings.block, n_kv_head=settings.n_kv_head))
+        model.to(device)
+        optimizers = make_optimizers(model, settings)
+        # The scaler is only active for float16; for other dtypes every call passes straight on.
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
+        progress = {"iter_num": 0, "best_val_loss": float("inf"), "history": {"train": [], "val": []},
+                    "init_from": start and {"path": str(start["path"]), "iter_num": start["iter_num"]}}
+        if resume is not None:
+            progress = restore(resume, optimizers, scaler, batches)
+            if master:
+                rewind_log(out / "log.jsonl", progress["iter_num"])
+                print(f"resumed from {out / 'last.pt'} at iteration {progress['iter_num']}")
+        total_iters = settings.max_iters or max(1, round(settings.epochs * batches.steps_per_epoch
+                                                         / settings.grad_accum))
+        history = progress["history"]
+        # The model the loop calls: compiled and/or in DDP (§ 10). `model` stays the bare GPT:
+        # what we save and sample from.
+        wrapped = wrap_model(model, settings.compile, world, device)
+        autocast_ctx = autocast_context(device, dtype)
+        tokens_per_step = settings.batch_size * settings.block_size * settings.grad_accum * world
+        if master:
+            print(f"model {settings.model_type}: {model.num_params(False) / 1e6:.2f}M parameters, "
+                  f"vocab {model.config.vocab_size}, context {model.config.block_size} | device "
+                  f"{device}, {dtype} | {tokens_per_step:,} tokens/step, "
+                  f"{batches.steps_per_epoch // settings.grad_accum} steps/epoch, {total_iters} steps")
+
+        # --- the loop ---------------------------------------------------------------------------
+        # At each iteration first evaluate (every eval_interval steps), then stop or take a step.
+        # Evaluating first means iteration 0 measures the model as it starts, and the last
+        # evaluation sees the final weights.
+        stopping, clock = False, (time.time(), progress["iter_num"])
         with StopFlag() as stop:                 # Ctrl-C / SIGTERM: finish the step, then save
             while True:
-                if run.iter_num % settings.eval_interval == 0 or run.iter_num == run.total_iters:
-                    evaluate_and_save(run, wrapped, autocast_ctx)
-                if run.iter_num >= run.total_iters or stopping:
+                it = progress["iter_num"]
+                due = it % settings.eval_interval == 0 or it == total_iters
+                if due and not (history["val"] and history["val"][-1][0] == it):  # (not twice)
+                    losses = estimate_loss(wrapped, tokens, settings, device, autocast_ctx,
+                                           seed=settings.seed + 1000 * rank)
+                    losses = average_across_ranks(losses, world, device)
+                    if not math.isfinite(losses["train"] + losses["val"]):
+                        raise diverged(losses["val"], progress, settings)
+                    history["train"].append((it, losses["train"]))
+                    history["val"].append((it, losses["val"]))
+                    if master:
+                        # last.pt is always the newest state (to resume from); best_model.pt the
+                        # one with the lowest val loss (to sample from): on a small dataset the
+                        # model can get worse as it memorises.
+                        improved = losses["val"] < progress["best_val_loss"]
+                        progress["best_val_loss"] = min(progress["best_val_loss"], losses["val"])
+                        log_eval(out, it, batches.epoch, losses, meta)
+                        checkpoint = make_checkpoint(model, optimizers, scaler, batches, settings,
+                                                     tokenizer, progress)
+                        save_checkpoint(checkpoint, out / "last.pt")
+                        if improved:
+                            save_checkpoint(checkpoint, out / "best_model.pt")
+                        write_loss_svg(out / "loss.svg", history["train"], history["val"])
+                        if settings.sample_every and (len(history["val"]) - 1) % settings.sample_every == 0:
+                            sample_while_training(model, tokenizer, tokens["val"], settings, it, out)
+                    clock = (time.time(), it)    # tokens/s counts training time only
+                if it >= total_iters or stopping:
                     break
                 # one optimisation step
-                lr = learning_rate(run.iter_num, settings, run.total_iters)
-                for optimizer in run.optimizers:                  # each reads its rate here:
+                lr = learning_rate(it, settings, total_iters)
+                for optimizer in optimizers:                      # each reads its rate here:
                     for group in optimizer.param_groups:          # AdamW's lr, Muon's in proportion
                         group["lr"] = lr * (settings.muon_lr / settings.lr
                                             if isinstance(optimizer, Muon) else 1)
-                loss = forward_backward(wrapped, run.batches.next_batch, settings.grad_accum,
-                                        autocast_ctx, run.scaler, ddp=run.world > 1)
-                norm, stepped = optimizer_step(wrapped, run.optimizers, run.scaler,
-                                               settings.grad_clip)
+                loss = forward_backward(wrapped, batches.next_batch, settings.grad_accum,
+                                        autocast_ctx, scaler, ddp=world > 1)
+                norm, stepped = optimizer_step(wrapped, optimizers, scaler, settings.grad_clip)
                 loss = loss.item()               # waits for the GPU: once per step
                 stopping = stop.requested
-                if run.world > 1:                # every rank must agree to stop
-                    stopping, loss = agree_across_ranks(run, stopping, loss)
-                check_finite(run, loss)
-                run.iter_num += 1
-                if run.iter_num % settings.log_interval == 0:
-                    log_progress(run, loss, lr, norm, stepped)
-        finish(run, stopping)
+                if world > 1:                    # every rank must agree to stop (§ 10)
+                    stopping, loss = agree_across_ranks(stopping, loss, device)
+                # A NaN loss means training diverged: stop at once. With float16 it can be a
+                # passing overflow, which the scaler handles by skipping the step; there the next
+                # evaluation gives the verdict.
+                if not math.isfinite(loss) and dtype != "float16":
+                    raise diverged(loss, progress, settings)
+                progress["iter_num"] = it = it + 1
+                if it % settings.log_interval == 0:
+                    loss = average_across_ranks({"loss": loss}, world, device)["loss"]
+                    seconds_per_step = (time.time() - clock[0]) / max(1, it - clock[1])
+                    clock = (time.time(), it)
+                    if master:
+                        log_step(out, it, total_iters, batches.epoch, loss, lr, norm, stepped,
+                                 tokens_per_step / seconds_per_step, seconds_per_step, model, device, world)
+
+        # --- the end: where the checkpoints are, or how to resume a stopped run -----------------
+        if master and stopping and progress["iter_num"] < total_iters:
+            save_checkpoint(make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer,
+                                            progress), out / "last.pt")
+            launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+            print(f"stopped at iteration {progress['iter_num']}; saved {out / 'last.pt'}. Resume "
+                  f"with:\n  {launcher} train.py --resume --out_dir {out}")
+        elif master:
+            print(f"done: {progress['iter_num']} iterations, best val loss "
+                  f"{progress['best_val_loss']:.4f}; checkpoints in {out} — sample with: "
+                  f"python sample.py --checkpoint {out / 'best_model.pt'}")
         leave_distributed()
-    return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "history": run.history}
+    return {key: progress[key] for key in ("iter_num", "best_val_loss", "history")}
 
 
-def evaluate_and_save(run, model, autocast_ctx):
-    """Estimate both losses, print and log them, save last.pt — and best_model.pt when the val
-    loss is the lowest yet — redraw loss.svg, and write a sample if --sample_every asks."""
-    if run.history["val"] and run.history["val"][-1][0] == run.iter_num:
-        return                                   # just resumed here: this evaluation is done
-    losses = estimate_loss(model, run.tokens, run.settings, run.device, autocast_ctx,
-                           seed=run.settings.seed + 1000 * run.rank)
-    if run.world > 1:
-        losses = average_across_ranks(run, losses)
-    check_finite(run, losses["train"] + losses["val"], evaluating=True)
-    run.history["train"].append((run.iter_num, losses["train"]))
-    run.history["val"].append((run.iter_num, losses["val"]))
-    if not run.master:
-        return
-    log_eval(run, losses)
-    # last.pt is always the newest state (to resume from); best_model.pt the one with the lowest
-    # val loss (to sample from): with a small dataset the model can get worse as it memorises.
-    improved = losses["val"] < run.best_val_loss
-    run.best_val_loss = min(run.best_val_loss, losses["val"])
-    checkpoint = make_checkpoint(run)
-    save_checkpoint(checkpoint, run.out / "last.pt")
-    if improved:
-        save_checkpoint(checkpoint, run.out / "best_model.pt")
-    write_loss_svg(run.out / "loss.svg", run.history["train"], run.history["val"])
-    if run.settings.sample_every and (len(run.history["val"]) - 1) % run.settings.sample_every == 0:
-        sample_while_training(run)
-    run.timed_since = (time.time(), run.iter_num)            # tokens/s counts training time only
+def tokenizer_for(settings, resume, start):
+    """The tokenizer to prepare the data with: --tokenizer for a new run, the checkpoint's own for
+    one that begins from a checkpoint. One exception: a resumed run that trained its own BPE asks
+    for "bpe" again, so that it finds the very data folder it wrote, BPE included (train()
+    then checks that this BPE is still the checkpoint's)."""
+    ckpt = start or resume
+    if ckpt is None or (ckpt is resume and settings.tokenizer == "bpe" and not resume["init_from"]):
+        return settings.tokenizer
+    return bpe.tokenizer_from_entry(ckpt["tokenizer"])
 
 
-def check_finite(run, loss, evaluating=False):
-    """A NaN or infinite loss means training diverged: stop at once, saving nothing more. With
-    float16 a non-finite training loss can be a passing overflow that the scaler handles by
-    skipping the step; there the next evaluation gives the verdict."""
-    if math.isfinite(loss) or (run.dtype == "float16" and not evaluating):
-        return
-    saved = run.history["val"][-1][0] if run.history["val"] else 0
-    raise InputError(f"loss is {loss} at iteration {run.iter_num} — training diverged. Nothing was "
-                     f"saved after iteration {saved}; try a lower --lr (now {run.settings.lr}) or "
-                     f"--dtype float32/bfloat16")
-
-
-def finish(run, stopped):
-    """The last words: how to resume a stopped run, or where the checkpoints are."""
-    if not run.master:
-        return
-    last, best = run.out / "last.pt", run.out / "best_model.pt"
-    if stopped and run.iter_num < run.total_iters:
-        save_checkpoint(make_checkpoint(run), last)
-        launcher = f"torchrun --nproc_per_node {run.world}" if run.world > 1 else "python"
-        print(f"stopped at iteration {run.iter_num}; saved {last}. Resume with:\n"
-              f"  {launcher} train.py --resume --out_dir {run.out}")
-    else:
-        print(f"done: {run.iter_num} iterations, best val loss {run.best_val_loss:.4f}; "
-              f"checkpoints in {run.out} — sample with: python sample.py --checkpoint {best}")
+def diverged(loss, progress, settings):
+    """The error for a NaN or infinite loss: nothing more is saved, and the last good checkpoint
+    stays."""
+    saved = progress["history"]["val"][-1][0] if progress["history"]["val"] else 0
+    return InputError(f"loss is {loss} at iteration {progress['iter_num']} — training diverged. "
+                      f"Nothing was saved after iteration {saved}; try a lower --lr (now "
+                      f"{settings.lr}) or --dtype float32/bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. (optional) Progress: log lines, log.jsonl, loss.svg, samples while training
+# 8. (optional) Progress you can watch: log lines, log.jsonl, loss.svg, samples while training
 # ----------------------------------------------------------------------------------------------
 # What it adds: what a person watches during a run. Nothing here changes the training: it reads
 # the run and writes text (and sampling uses a random generator of its own).
@@ -704,67 +677,36 @@ def gpu_peak_flops(device):
     return None
 
 
-def tokens_per_step(run):
-    """Tokens one optimizer step trains on, over every process."""
-    s = run.settings
-    return s.batch_size * s.block_size * s.grad_accum * run.world
-
-
-def print_start(run):
-    """The run in one line: model size, vocabulary, context, device, precision, length."""
-    run.timed_since = (time.time(), run.iter_num)
-    if run.master:
-        steps = max(1, run.batches.steps_per_epoch // run.settings.grad_accum)
-        config = run.model.config
-        print(f"model {run.settings.model_type}: "
-              f"{run.model.num_params(non_embedding=False) / 1e6:.2f}M parameters, "
-              f"vocab {config.vocab_size}, context {config.block_size} | device {run.device}, "
-              f"{run.dtype} | {tokens_per_step(run):,} tokens/step, {steps} steps/epoch, "
-              f"{run.total_iters} steps")
-
-
-def append_log(run, record):
+def append_log(out, record):
     """One JSON object per line in log.jsonl: easy to read back with a few lines of Python."""
-    with open(run.out / "log.jsonl", "a", encoding="utf-8") as f:
+    with open(out / "log.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def log_progress(run, loss, lr, norm, stepped):
-    """Every log_interval steps: loss, learning rate, tokens/s, MFU (on a known GPU), ETA.
-
-    Under DDP the printed loss is the mean over the processes, each of which saw its own share
-    of the batch: the loss of the whole global batch.
-    """
-    if run.world > 1:
-        loss = average_across_ranks(run, {"loss": loss})["loss"]
-    if not run.master:
-        return
-    # tokens/s counts training only: the clock restarts after each evaluation (evaluate_and_save)
-    now, (since, since_iter) = time.time(), run.timed_since
-    dt = (now - since) / max(1, run.iter_num - since_iter)            # seconds per step
-    run.timed_since = (now, run.iter_num)
-    tokens_per_s = tokens_per_step(run) / dt
+def log_step(out, it, total_iters, epoch, loss, lr, norm, stepped, tokens_per_s, seconds_per_step,
+             model, device, world):
+    """Every log_interval steps: loss, learning rate, tokens/s, MFU (on a known GPU), ETA. Under
+    DDP the loss is the mean over the processes: the loss of the whole global batch."""
     # MFU = achieved FLOP/s ÷ the GPU's peak: (6N + 12·L·C·T) FLOPs per token × tokens/s.
-    peak = gpu_peak_flops(run.device)
-    mfu = run.model.flops_per_token() * tokens_per_s / run.world / peak if peak else None
-    eta_minutes = (run.total_iters - run.iter_num) * dt / 60
-    print(f"iter {run.iter_num}/{run.total_iters} | epoch {run.batches.epoch} | loss {loss:.4f} | "
-          f"lr {lr:.2e} | {tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu else "") +
-          ("" if stepped else " | fp16 step skipped") + f" | ETA {eta_minutes:.1f} min", flush=True)
-    append_log(run, {"type": "train", "iter": run.iter_num, "epoch": run.batches.epoch,
-                     "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
-                     "mfu": mfu, "step_skipped": not stepped})
+    peak = gpu_peak_flops(device)
+    mfu = model.flops_per_token() * tokens_per_s / world / peak if peak else None
+    print(f"iter {it}/{total_iters} | epoch {epoch} | loss {loss:.4f} | lr {lr:.2e} | "
+          f"{tokens_per_s:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu else "")
+          + ("" if stepped else " | fp16 step skipped")
+          + f" | ETA {(total_iters - it) * seconds_per_step / 60:.1f} min", flush=True)
+    append_log(out, {"type": "train", "iter": it, "epoch": epoch, "loss": loss, "lr": lr,
+                     "grad_norm": float(norm), "tokens_per_s": tokens_per_s, "mfu": mfu,
+                     "step_skipped": not stepped})
 
 
-def log_eval(run, losses):
+def log_eval(out, it, epoch, losses, meta):
     """The evaluation's line: nats/token, perplexity (e^loss) and bits per byte."""
-    bpb = bits_per_byte(losses["val"], run.meta["val_tokens"], run.meta["val_bytes"])
+    bpb = bits_per_byte(losses["val"], meta["val_tokens"], meta["val_bytes"])
     perplexity = math.exp(min(losses["val"], 50))             # e^loss; capped so it cannot overflow
-    print(f"eval {run.iter_num}: train {losses['train']:.4f}, val {losses['val']:.4f} nats/token, "
+    print(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f} nats/token, "
           f"val perplexity {perplexity:.2f}, val {bpb:.4f} bits/byte", flush=True)
-    append_log(run, {"type": "eval", "iter": run.iter_num, "epoch": run.batches.epoch,
-                     "train_loss": losses["train"], "val_loss": losses["val"],
-                     "val_ppl": perplexity, "val_bpb": bpb})
+    append_log(out, {"type": "eval", "iter": it, "epoch": epoch, "train_loss": losses["train"],
+                     "val_loss": losses["val"], "val_ppl": perplexity, "val_bpb": bpb})
 
 
 def write_loss_svg(path, train_points, val_points, width=640, height=360, pad=48):
@@ -801,35 +743,31 @@ def write_loss_svg(path, train_points, val_points, width=640, height=360, pad=48
         temp.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
-def default_sample_prompt(run, enc):
-    """The first line of the validation text, cut to 20 characters: text the model has not
-    trained on, in the style it learns."""
-    first_ids = run.tokens["val"][:200].tolist()             # 200 tokens hold a line or more
-    text = "".join(bpe.decode_stream(enc, [t for t in first_ids if t != enc.eot_token]))
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:20]
-
-
-def sample_while_training(run):
-    """Print and log a short continuation of --sample_prompt, to see the model learn.
+def sample_while_training(model, tokenizer, val_tokens, settings, it, out):
+    """Print and log a short continuation of --sample_prompt (default: the validation text's
+    first line, 20 characters — text the model has not trained on, in the style it learns).
 
     It must not change the training by a single bit: the model goes back to train mode, and the
     sampling draws from a generator of its own (seeded alike each time, so the samples of
     successive evaluations differ only because the model does), never from the global RNG.
     """
-    enc = bpe.get_tokenizer(run.tokenizer_entry)
-    s = run.settings
-    prompt = s.sample_prompt if s.sample_prompt is not None else default_sample_prompt(run, enc)
-    ids = enc.encode_ordinary(prompt)[-run.model.config.block_size:] or [enc.eot_token]
-    generator = torch.Generator(device=run.device).manual_seed(s.seed)
+    enc = bpe.get_tokenizer(tokenizer)
+    prompt = settings.sample_prompt
+    if prompt is None:                                       # 200 tokens hold a line or more
+        text = enc.decode([t for t in val_tokens[:200].tolist() if t != enc.eot_token])
+        prompt = next((line.strip() for line in text.splitlines() if line.strip()), "")[:20]
+    device = next(model.parameters()).device
+    ids = enc.encode_ordinary(prompt)[-model.config.block_size:] or [enc.eot_token]
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
     # temperature 0.8 among the 200 likeliest tokens: a little tamer than the model's raw
     # distribution, so that a sample shows what it has learned more than its noise
-    run.model.eval()
-    new_ids = run.model.stream(torch.tensor([ids], device=run.device), s.sample_tokens,
-                               temperature=0.8, top_k=200, generator=generator)
+    model.eval()
+    new_ids = model.stream(torch.tensor([ids], device=device), settings.sample_tokens,
+                           temperature=0.8, top_k=200, generator=generator)
     text = "".join(bpe.decode_stream(enc, (t for t in map(int, new_ids) if t != enc.eot_token)))
-    run.model.train()
-    print(f"sample {run.iter_num}: {prompt}{text}", flush=True)
-    append_log(run, {"type": "sample", "iter": run.iter_num, "prompt": prompt, "text": text})
+    model.train()
+    print(f"sample {it}: {prompt}{text}", flush=True)
+    append_log(out, {"type": "sample", "iter": it, "prompt": prompt, "text": text})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -845,68 +783,41 @@ LOCK_NAME = "train.lock"
 
 
 @contextlib.contextmanager
-def claim_out_dir(out_dir, resume):
-    """Make out_dir this run's for as long as it runs (only the first process does this).
+def claim_out_dir(folder, resume):
+    """Make `folder` this run's for as long as it runs (only the first process does this).
 
-    Create it and prove it writable; lock it against a second run; refuse to overwrite an
-    earlier run's files unless resuming. On the way out the lock goes — and the folder too, if
-    this run created it and failed before writing anything in it.
+    Create it and prove it writable; lock it against a second run; refuse to overwrite an earlier
+    run's files unless resuming. On the way out the lock goes — and the folder too, if this run
+    created it and failed before writing anything in it.
     """
     if int(os.environ.get("RANK", 0)) != 0:                  # DDP: other processes write nothing
         yield
         return
-    folder = pathlib.Path(out_dir)
     created = not folder.exists()
     bpe.make_writable_folder(folder, "--out_dir")
-    lock = folder / LOCK_NAME
-    take_lock(lock)  # first the lock: a run going on now is the likelier story
-    try:
-        earlier = [name for name in RUN_FILES if (folder / name).exists()]
-        if earlier and not resume:
-            raise InputError(f"{out_dir} already holds a run ({', '.join(earlier)}) — "
-                             f"add --resume to continue it, or choose another --out_dir "
-                             f"(or delete them) to start afresh")
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        if created and not any(folder.iterdir()):
-            folder.rmdir()
-
-
-def take_lock(path):
-    """Create the lock file exclusively (O_EXCL: of two processes trying at once, exactly one
-    succeeds), holding "host pid". A lock whose process has ended (killed with SIGKILL, the machine
-    rebooted) is taken over, with a note."""
-    while True:                              # again only after a lock went away or was stale
+    with open(folder / LOCK_NAME, "a+") as lock:
+        # flock: the OS holds the lock for this process and lets go when it ends, however it
+        # ends (even killed with SIGKILL), so a lock is never left behind by a dead run.
         try:
-            with open(path, "x") as f:       # "x": create, or fail if it exists
-                f.write(f"{socket.gethostname()} {os.getpid()}")
-            return
-        except FileExistsError:
-            pass
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # NB: fail now, do not wait
+        except BlockingIOError:
+            raise InputError(f"{folder} is in use by another training run — wait for it to end, "
+                             f"or use another --out_dir") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")                       # for a person: which process
+        lock.flush()
         try:
-            host, pid = (path.read_text(errors="replace").split() + ["?", "?"])[:2]
-        except FileNotFoundError:
-            continue                             # it went away meanwhile: try again
-        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
-            print(f"note: {path} was left by a process that has ended; taking it over",
-                  file=sys.stderr)
-            path.unlink(missing_ok=True)
-            continue
-        raise InputError(f"{path.parent} is in use by another training run "
-                         f"(process {pid} on {host}) — wait for it to end or use another "
-                         f"--out_dir (if no run is going, delete {path})")
-
-
-def process_alive(pid):
-    """Whether a process with this id runs on this machine (signal 0 only asks "do you exist?")."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                  # it exists, under another user
-        pass
-    return True
+            earlier = [name for name in RUN_FILES if (folder / name).exists()]
+            if earlier and not resume:
+                raise InputError(f"{folder} already holds a run ({', '.join(earlier)}) — add "
+                                 f"--resume to continue it, or choose another --out_dir (or "
+                                 f"delete them) to start afresh")
+            yield
+        finally:
+            (folder / LOCK_NAME).unlink(missing_ok=True)
+            if created and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def rewind_log(path, iter_num):
@@ -999,31 +910,32 @@ def prepare_data(settings, tokenizer, local_rank):
     return folder
 
 
-def wrap_model(run):
-    """The model the loop calls: torch.compile'd if asked, in DDP under torchrun. The bare model
-    stays in run.model: it is what we save, and what samples."""
+def wrap_model(model, compiled, world, device):
+    """The model the loop calls: torch.compile'd if asked, in DDP under torchrun."""
     # torch.compile traces the model into fused kernels (minutes of warm-up, then faster steps
     # on a GPU). DDP wraps the outside so that backward() all-reduces the gradients.
-    model = torch.compile(run.model) if run.settings.compile else run.model
-    if run.world > 1:
-        device_ids = [torch.device(run.device).index] if run.device.startswith("cuda") else None
-        model = DDP(model, device_ids=device_ids)
-    return model
+    wrapped = torch.compile(model) if compiled else model
+    if world > 1:
+        wrapped = DDP(wrapped, device_ids=[torch.device(device).index]
+                      if device.startswith("cuda") else None)
+    return wrapped
 
 
-def average_across_ranks(run, values):
-    """{name: float} → the same names, averaged over every process."""
-    t = torch.tensor(list(values.values()), device=run.device)
+def average_across_ranks(values, world, device):
+    """{name: float} → the same names, averaged over every process (as they are when alone)."""
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), device=device)
     dist.all_reduce(t)                       # sums over the processes, in place, on every one
-    return {name: v / run.world for name, v in zip(values, t.tolist())}
+    return {name: v / world for name, v in zip(values, t.tolist())}
 
 
-def agree_across_ranks(run, stop_requested, loss):
+def agree_across_ranks(stop_requested, loss, device):
     """Every rank must leave the loop at the same step, or the others would wait forever in the
     next all-reduce: agree on "stop?" and "diverged?" together (any rank's yes is everyone's).
     A signal reaches the processes at different moments (or only one of them), and a NaN can
     appear on one rank's data alone; a MAX all-reduce of two flags settles both at once."""
-    flags = torch.tensor([float(stop_requested), float(not math.isfinite(loss))], device=run.device)
+    flags = torch.tensor([float(stop_requested), float(not math.isfinite(loss))], device=device)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return bool(flags[0]), float("nan") if flags[1] else loss
 
@@ -1039,8 +951,9 @@ def leave_distributed():
 # ----------------------------------------------------------------------------------------------
 # 11. (optional) The command line
 # ----------------------------------------------------------------------------------------------
-# What it adds: a flag for every setting of section 1, each checked as it is parsed (a wrong value
-# is one line, exit 2), and the two ways a run can begin from a checkpoint:
+# What it adds: a flag for every field of Settings (section 1 holds its default, its meaning and
+# its check; a wrong value is one line, exit 2), and the two ways a run can begin from a
+# checkpoint:
 #   --resume      continues the run in --out_dir/last.pt. Every setting comes from last.pt; the
 #                 flags of RESUME_MAY_CHANGE may be given anew, any other only with the value it
 #                 already has (so the command that started the run, plus --resume, works).
@@ -1052,57 +965,8 @@ RESUME_MAY_CHANGE = ("max_iters", "epochs", "eval_interval", "eval_iters", "log_
                      "sample_every", "sample_prompt", "sample_tokens", "device", "compile",
                      "num_proc")
 FROM_CHECKPOINT = ("model_type", "tokenizer", "vocab_size", "block", "n_kv_head", "bias")
-TRAIN_HINT = "python train.py --model_type gpt-micro --dataset chinese"
-# what --resume reads
 RESUME_KEYS = ("model", "model_config", "tokenizer", "optimizer", "scaler", "iter_num",
                "best_val_loss", "train_args", "rng", "data_state", "history", "init_from")
-
-
-def device_flag(name):
-    """An argparse `type=` for --device: auto, or a device torch can use here — a typo or a missing
-    GPU is one line now, not a traceback later. sample.py uses it too."""
-    if name != "auto":
-        try:
-            torch.empty(0, device=name)          # torch itself says whether the device is usable
-        except (RuntimeError, AssertionError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            reason = reason if len(reason) < 60 else reason[:57] + "…"
-            raise argparse.ArgumentTypeError(
-                f"{name} is not a device torch can use here ({reason}) — "
-                f"use auto, cpu, cuda, cuda:N or mps") from None
-    return name
-
-
-def read_checkpoint(path, need=("model", "model_config", "tokenizer")):
-    """torch.load(weights_only=True), with every way it can fail said in one line."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise InputError(f"{path} is a run folder — give a checkpoint in it, "
-                         f"e.g. {path / 'best_model.pt'}")
-    if not path.is_file():
-        raise InputError(f"no checkpoint at {path} — train one with: {TRAIN_HINT}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    # torch.save writes a zip archive, which starts with "PK\3\4" (very old torch: a raw pickle,
-    # which starts with the byte 0x80). Anything else is not a checkpoint at all.
-    if head != b"PK\x03\x04" and head[:1] != b"\x80":
-        raise InputError(f"{path} is not a checkpoint (not a file torch.save wrote) — give a .pt "
-                         f"file written by train.py")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "Unsupported global" in str(e):
-            raise InputError(f"{path} holds pickled Python objects, which weights_only loading "
-                             f"refuses (they could run code); this project's checkpoints hold "
-                             f"only tensors and plain data") from None
-        raise InputError(f"{path} is truncated or damaged ({type(e).__name__}) — "
-                         f"was it being saved when the run stopped? Use another checkpoint, "
-                         f"e.g. last.pt") from None
-    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise InputError(f"{path} is not a checkpoint of this project "
-                         f"(it lacks: {', '.join(missing)})")
-    return ckpt
 
 
 def parse_flags(argv):
@@ -1110,66 +974,17 @@ def parse_flags(argv):
     are Settings', or the checkpoint's) — and the two ways to begin: (given, resume, init_from)."""
     p = bpe.ArgumentParser(prog="train.py", argument_default=argparse.SUPPRESS,
                            description="Train a GPT from scratch (see the lesson's docstring).")
-    count = bpe.number_flag(int, "≥ 1", lambda n: n >= 1)
-    whole = bpe.number_flag(int, "≥ 0", lambda n: n >= 0)
-    positive = bpe.number_flag(float, "> 0", lambda x: x > 0)
-    non_negative = bpe.number_flag(float, "≥ 0", lambda x: x >= 0)
-    fraction = bpe.number_flag(float, "in [0, 1)", lambda x: 0 <= x < 1)
-    a = p.add_argument
-    a("--model_type", choices=list(PRESETS),
-      help="model size (gpt.py's PRESETS; default gpt-micro)")
-    a("--dataset", help="chinese (default) | wikitext | wikitext2 | shakespeare | "
-                        "a .txt/.jsonl file or folder | NAME for data/raw/NAME/")
-    a("--tokenizer", help="bpe (train our own; default) | gpt2 | cl100k_base | a saved BPE's path")
-    a("--vocab_size", type=bpe.VOCAB_SIZE_FLAG,
-      help="vocabulary size when --tokenizer bpe (default 8192)")
-    a("--data_dir", type=bpe.folder_flag,
-      help="where raw downloads and token files live (default data)")
-    a("--max_mb", type=bpe.MAX_MB_FLAG,
-      help="tokenize at most this many MB of text (quick first runs)")
-    a("--num_proc", type=count, help="tokenizing threads (default: all cores)")
-    a("--block", choices=["gpt2", "llama"],
-      help="GPT-2's block, or Llama's: RMSNorm, RoPE, SwiGLU, GQA")
-    a("--n_kv_head", type=count,
-      help="the llama block's key/value heads (default: one per query head)")
-    a("--block_size", type=count, help="context length in tokens")
-    a("--dropout", type=fraction, help="dropout rate (default 0; 0.1–0.2 helps on small data)")
-    a("--bias", type=int, choices=[0, 1], help="biases in Linear and LayerNorm layers (default 1)")
-    a("--max_iters", type=count, help="number of optimizer steps (overrides --epochs)")
-    a("--epochs", type=positive, help="train this many passes over the training tokens")
-    a("--batch_size", type=count, help="sequences per micro-batch (per process)")
-    a("--grad_accum", "--gradient_accumulation_steps", type=count,
-      help="micro-batches per optimizer step (default 1; the second name is LLM Learning's)")
-    a("--optimizer", choices=["adamw", "muon"],
-      help="adamw, or muon for the blocks' matrices (+ adamw)")
-    a("--lr", type=positive, help="peak learning rate (AdamW's)")
-    a("--muon_lr", type=positive, help="Muon's peak learning rate (default 0.02)")
-    a("--min_lr", type=non_negative, help="learning rate at the end of the cosine (default lr/10)")
-    a("--warmup_iters", type=whole, help="steps of linear warm-up")
-    a("--lr_decay_iters", type=count, help="length of the cosine schedule (default: the run's)")
-    a("--weight_decay", type=non_negative,
-      help="AdamW weight decay, on 2-D weights only (default 0.1)")
-    a("--beta2", type=fraction,
-      help="AdamW β2 (default 0.99 for the small presets, 0.95 for gpt2*)")
-    a("--grad_clip", type=non_negative,
-      help="clip the gradient norm to this (0 = off; default 1.0)")
-    a("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-      help="autocast precision (default auto)")
-    a("--device", type=device_flag, help="auto (default) | cpu | cuda | cuda:N | mps")
-    a("--compile", action="store_true",
-      help="torch.compile the model (faster on a GPU after a warm-up)")
-    a("--eval_interval", type=count, help="evaluate and save last.pt every N steps (default 250)")
-    a("--eval_iters", type=count, help="batches per evaluation estimate (default 20)")
-    a("--log_interval", type=count, help="print a progress line every N steps (default 10)")
-    a("--sample_every", type=whole,
-      help="print and log a short sample at every N-th evaluation (default 0: never)")
-    a("--sample_prompt",
-      help="its prompt (default: the first line of the validation text, 20 characters)")
-    a("--sample_tokens", type=count, help="its length in tokens (default 60)")
-    a("--out_dir", type=bpe.folder_flag, help="the run folder (default checkpoints/<model_type>)")
-    a("--seed", type=int, help="seed for weights, data order and dropout (default 1337)")
-    a("--resume", action="store_true", help="continue the run in --out_dir/last.pt, exactly")
-    a("--init_from", help="start a new run from this checkpoint's weights, shape and tokenizer")
+    for field in dataclasses.fields(Settings):
+        flag = dict(field.metadata)
+        names = [f"--{field.name}", *flag.pop("aliases", [])]
+        flag["help"] += f" (default: {field.default})"
+        if field.type is bool:
+            p.add_argument(*names, action="store_true", **flag)
+        else:
+            p.add_argument(*names, **{"type": field.type, **flag})
+    p.add_argument("--resume", action="store_true", help="continue the run in --out_dir/last.pt")
+    p.add_argument("--init_from", help="start a new run from this checkpoint's weights, shape and "
+                                       "tokenizer")
     given = vars(p.parse_args(argv))
     resume, init_from = given.pop("resume", False), given.pop("init_from", None)
     if resume and init_from:
@@ -1182,10 +997,7 @@ def parse_flags(argv):
 
 def resumed_settings(given, ckpt, path):
     """--resume: last.pt's settings, with the flags of RESUME_MAY_CHANGE given anew."""
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    saved = {k: v for k, v in ckpt["train_args"].items() if k in fields}
-    saved.update({k: ckpt["model_config"].get(k, getattr(GPTConfig, k))
-                  for k in MODEL_CONFIG_FLAGS})
+    saved = ckpt["train_args"]
     changed = sorted(k for k, v in given.items()
                      if k not in RESUME_MAY_CHANGE + ("out_dir",) and saved.get(k) != v)
     if changed:
@@ -1209,10 +1021,8 @@ def started_settings(given, ckpt, path):
     if given.get("block_size", context) > context:
         raise InputError(f"--block_size {given['block_size']} is longer than the context of {path} "
                          f"({context}): it can shrink, never grow")
-    model_type = ckpt["train_args"].get("model_type", Settings.model_type)
-    shape = {k: ckpt["model_config"].get(k, getattr(GPTConfig, k))
-             for k in ("block", "n_kv_head", "bias")}
-    return new_settings(**{"block_size": context, **given, "model_type": model_type, **shape})
+    taken = {k: ckpt["train_args"][k] for k in FROM_CHECKPOINT}
+    return new_settings(**{"block_size": context, **given, **taken})
 
 
 def main(argv=None):
@@ -1224,10 +1034,11 @@ def main(argv=None):
         if not path.exists():
             raise InputError(f"--resume, but there is no {path} — start without --resume, or give "
                              f"the --out_dir of the run to continue")
-        ckpt = read_checkpoint(path, need=RESUME_KEYS)
+        ckpt = bpe.read_checkpoint(path, need=RESUME_KEYS)
         train(resumed_settings(given, ckpt, path), resume=ckpt)
     elif init_from:
-        ckpt = read_checkpoint(init_from)
+        ckpt = bpe.read_checkpoint(init_from, need=("model", "model_config", "tokenizer",
+                                                     "train_args", "iter_num"))
         train(started_settings(given, ckpt, init_from), start={**ckpt, "path": init_from})
     else:
         train(new_settings(**given))
