@@ -26,8 +26,15 @@ import torch.nn.functional as F
 
 
 def machine():
-    """One line naming what the numbers were measured on."""
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    """One line naming what the numbers were measured on: the CPU's vector capability as torch
+    sees it, and whether it multiplies bfloat16 natively (a 256 × 256 matmul timed in both dtypes,
+    the test train.py's Muon makes)."""
+    import train
+    ratio = train.matmul_seconds(torch.bfloat16) / train.matmul_seconds(torch.float32)
+    native = "native" if ratio < 1 else "emulated"
+    return (f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"bfloat16 {native} (matmul {ratio:.2f}× float32's time), {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def table(headers, rows):
@@ -249,26 +256,20 @@ def last_eval(out_dir):
     return [r for r in records if r["type"] == "eval"][-1]
 
 
-def train_rate(args, work):
-    """Tokens per second of our train.py for these flags: the median over the progress lines of a
-    100-step calibration run in `work`, the first two (warm-up) left out."""
+def train_for_seconds(args, budget_s, tokens_per_step, work, name):
+    """Run our train.py so that the whole run — start-up, evaluations and steps — takes about
+    budget_s seconds. A 60-step calibration run with the same flags measures the seconds a step
+    takes (the median of its progress lines, the first two left out as warm-up) and the seconds
+    that are not steps (its wall time less 60 steps); the step count follows, so the cosine
+    schedule still ends at the last step. Returns (wall seconds, steps, the last eval record)."""
     import json
     import statistics
-    out = work
-    out.mkdir(parents=True, exist_ok=True)
-    run_logged([sys.executable, str(ROOT / "train.py"), *args, "--max_iters", "100", "--eval_interval", "1000",
-                "--log_interval", "10", "--out_dir", str(out)], cwd=work)
-    records = [json.loads(line) for line in open(out / "log.jsonl", encoding="utf-8")]
-    return statistics.median([r["tokens_per_s"] for r in records if r["type"] == "train"][2:])
-
-
-def train_for_seconds(args, budget_s, tokens_per_step, work, name):
-    """Run our train.py for about budget_s seconds of training: the step count comes from a
-    calibration run, so the cosine schedule still ends at the last step."""
-    rate = train_rate(args, work / f"calibrate_{name}")
-    # 85 % of the budget for the steps themselves: start-up and evaluations take the rest, and
-    # the wall time reported below includes them.
-    steps = max(50, int(0.85 * budget_s * rate / tokens_per_step))
+    calibration = work / f"calibrate_{name}"
+    seconds, _ = run_logged([sys.executable, str(ROOT / "train.py"), *args, "--max_iters", "60",
+                             "--log_interval", "10", "--out_dir", str(calibration)], cwd=work)
+    records = [json.loads(line) for line in open(calibration / "log.jsonl", encoding="utf-8")]
+    per_step = tokens_per_step / statistics.median([r["tokens_per_s"] for r in records if r["type"] == "train"][2:])
+    steps = max(50, int((budget_s - (seconds - 60 * per_step)) / per_step))
     out = work / name
     seconds, _ = run_logged([sys.executable, str(ROOT / "train.py"), *args, "--max_iters", str(steps),
                              "--out_dir", str(out)], cwd=work)
@@ -362,28 +363,31 @@ def bench_train():
 # recipes: GPT-2's block against the llama block, AdamW against Muon, at equal wall time
 # ----------------------------------------------------------------------------------------------
 
-# The three recipes, each with the learning rate and warm-up that won its own sweep at the same
-# budget (the README says which values were tried). The rest is shared: gpt-micro (4 × 128).
+# The default (no recipe flags: what `python train.py` trains with), then the three recipes, each
+# with the learning rate and warm-up that won its own sweep at the same budget (the README says
+# which values were tried). The rest is shared: gpt-micro (4 × 128). On Chinese the default is
+# the Muon recipe itself (train.PRESET_DEFAULTS took its values), so it runs once.
 RECIPES = {
     "shakespeare": {
-        "GPT-2 block, AdamW (before)": ["--block", "gpt2", "--optimizer", "adamw", "--bias", "0", "--lr", "2e-3",
-                                        "--warmup_iters", "50"],
+        "the default: llama block, Muon (no flags)": [],
+        "GPT-2 block, AdamW": ["--block", "gpt2", "--optimizer", "adamw", "--bias", "0", "--lr", "2e-3",
+                               "--warmup_iters", "50"],
         "llama block, AdamW": ["--block", "llama", "--optimizer", "adamw", "--lr", "2e-3", "--warmup_iters", "50"],
-        "llama block, Muon": ["--block", "llama", "--optimizer", "muon", "--muon_lr", "0.04", "--lr", "2e-3",
-                              "--warmup_iters", "50"],
+        "llama block, Muon, --muon_lr 0.04": ["--muon_lr", "0.04"],
     },
     "chinese": {
-        "GPT-2 block, AdamW (before)": ["--block", "gpt2", "--optimizer", "adamw", "--bias", "0", "--lr", "2e-3",
-                                        "--warmup_iters", "50"],
+        "the default: llama block, Muon (no flags)": [],
+        "GPT-2 block, AdamW": ["--block", "gpt2", "--optimizer", "adamw", "--bias", "0", "--lr", "2e-3",
+                               "--warmup_iters", "50"],
         "llama block, AdamW": ["--block", "llama", "--optimizer", "adamw", "--lr", "4e-3", "--warmup_iters", "50"],
-        "llama block, Muon": ["--block", "llama", "--optimizer", "muon", "--muon_lr", "0.02", "--lr", "2e-3",
-                              "--warmup_iters", "50"],
     },
 }
-SHAKESPEARE = ["--model_type", "gpt-micro", "--tokenizer", "bpe", "--vocab_size", "1024", "--block_size", "64",
-               "--batch_size", "32", "--dropout", "0.0", "--eval_iters", "50", "--eval_interval", "500"]
-CHINESE = ["--model_type", "gpt-micro", "--tokenizer", "bpe", "--vocab_size", "8192", "--block_size", "128",
-           "--batch_size", "16", "--eval_iters", "50", "--eval_interval", "100000"]
+# The shape of each table, beside the recipe's flags: Shakespeare is smaller than the defaults
+# (vocabulary 1,024, context 64, as nanoGPT's CPU recipe); Chinese runs gpt-micro's own defaults.
+# Both evaluate only at the start and the end, on 50 batches.
+SHAKESPEARE = ["--vocab_size", "1024", "--block_size", "64", "--batch_size", "32", "--eval_iters", "50",
+               "--eval_interval", "100000"]
+CHINESE = ["--eval_iters", "50", "--eval_interval", "100000"]
 
 
 def chinese_text(work):
@@ -397,61 +401,81 @@ def chinese_text(work):
 
 def bench_block_step():
     """One training step (forward, backward, clip, optimizer) of each block at gpt-micro's default
-    shape and at the Shakespeare shape, float32, in strict alternation."""
+    shape and at the Shakespeare shape, float32, in strict alternation; Muon with the
+    Newton–Schulz dtype train.py picks here, and with each dtype forced."""
     import train
     from gpt import GPT, GPTConfig
     print(f"## recipes — one training step, gpt-micro (4 × 128), float32 ({machine()})\n")
+    micro = train.PRESET_DEFAULTS["gpt-micro"]
+    picked = str(train.newton_schulz_dtype("cpu")).removeprefix("torch.")
+    kinds = [("gpt2", "adamw", None), ("llama", "adamw", None), ("llama", "muon", None),
+             ("llama", "muon", torch.bfloat16), ("llama", "muon", torch.float32)]
     rows = []
-    for vocab, block_size, batch in ((8192, 128, 32), (1024, 64, 32)):
+    for vocab, block_size, batch in ((8192, micro["block_size"], micro["batch_size"]), (1024, 64, 32)):
         g = torch.Generator().manual_seed(0)
         x, y = (torch.randint(0, vocab, (batch, block_size), generator=g) for _ in range(2))
         steps = []
-        for block, optimizer in (("gpt2", "adamw"), ("llama", "adamw"), ("llama", "muon")):
+        for block, optimizer, ns_dtype in kinds:
             torch.manual_seed(0)
             model = GPT(GPTConfig.from_preset("gpt-micro", vocab_size=vocab, block_size=block_size, block=block,
                                               bias=False))
             opts = train.make_optimizers(model, train.new_settings(block=block, optimizer=optimizer))
+            opts[0].ns_dtype = ns_dtype if optimizer == "muon" else None
             scaler = torch.amp.GradScaler("cpu", enabled=False)
 
             def step(model=model, opts=opts, scaler=scaler):
                 train.forward_backward(model, lambda: (x, y), 1, contextlib.nullcontext(), scaler)
                 train.optimizer_step(model, opts, scaler, 1.0)
             steps.append(step)
-        ms = paired_ms(steps, repeat=30, warmup=3)
-        for (block, optimizer), t in zip((("gpt2", "adamw"), ("llama", "adamw"), ("llama", "muon")), ms):
-            rows.append([f"vocab {vocab:,}, block {block_size}, batch {batch}", f"{block}, {optimizer}", f"{t:.1f}",
-                         f"{batch * block_size / t * 1000:,.0f}", f"{t / ms[0]:.2f}×"])
-    table(["shape", "block, optimizer", "ms/step", "tokens/s", "time vs GPT-2's block"], rows)
+        ms = paired_ms(steps, repeat=20, warmup=3)
+        for (block, optimizer, ns_dtype), t in zip(kinds, ms):
+            how = f"{block}, {optimizer}" + ("" if optimizer == "adamw" else
+                                             f", Newton–Schulz in {picked} (train.py's pick)" if ns_dtype is None else
+                                             f", Newton–Schulz forced to {str(ns_dtype).removeprefix('torch.')}")
+            rows.append([f"vocab {vocab:,}, block {block_size}, batch {batch}", how, f"{t:.1f}",
+                         f"{batch * block_size / t * 1000:,.0f}", f"{t / ms[0]:.2f}×", f"{t / ms[1]:.2f}×"])
+    table(["shape", "block, optimizer", "ms/step", "tokens/s", "vs GPT-2's block", "vs llama + AdamW"], rows)
 
 
 def bench_recipes():
-    """val bits/byte at equal wall time: nanoGPT's CPU recipe, then our three recipes, on tiny
-    Shakespeare (nanoGPT's wall time) and on 8.1 MB of Chinese (5 minutes each)."""
+    """val bits/byte at equal wall time: nanoGPT's CPU recipe, then the default and our recipes, on
+    tiny Shakespeare (nanoGPT's wall time) and on 8.1 MB of Chinese (300 s each)."""
     import math as _math
+
+    import data
     bench_block_step()
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_recipes_"))
     nano = nanogpt_shakespeare_run(work)
     budget = nano[0] if nano else 140.0
-    print(f"## recipes — tiny Shakespeare, {budget:.0f} s each (nanoGPT's wall time), val = last 10 % "
-          f"({machine()})\n")
-    rows = []
-    if nano:
-        rows.append(["nanoGPT's CPU recipe (characters, 4 × 128, block 64, batch 12, 2,000 iters)", 2000,
-                     f"{nano[0]:.0f}", f"{nano[1] / _math.log(2):.3f}"])
     data_dir = ["--data_dir", str(work / "data"), "--device", "cpu"]
-    for name, flags in RECIPES["shakespeare"].items():
-        args = ["--dataset", str(CORPUS / "tinyshakespeare.txt"), *SHAKESPEARE, *data_dir, *flags]
-        seconds, steps, ev = train_for_seconds(args, budget, 32 * 64, work, f"sh_{len(rows)}")
-        rows.append([f"ours: {name}", steps, f"{seconds:.0f}", f"{ev['val_bpb']:.3f}"])
-    table(["run", "iters", "wall s", "val bits/byte"], rows)
-    print(f"## recipes — Chinese, zh_wiki_sample + zh_wiki_sentences_cc0 (8.1 MB), 300 s each, our BPE 8192 "
-          f"({machine()})\n")
-    rows, text = [], chinese_text(work)
-    for name, flags in RECIPES["chinese"].items():
-        args = ["--dataset", str(text), *CHINESE, *data_dir, *flags]
-        seconds, steps, ev = train_for_seconds(args, 300.0, 16 * 128, work, f"zh_{len(rows)}")
-        rows.append([f"ours: {name}", steps, f"{seconds:.0f}", f"{ev['val_bpb']:.3f}"])
-    table(["run", "iters", "wall s", "val bits/byte"], rows)
+    text = chinese_text(work)
+    # tokenized before any run, so that no run's time includes training its BPE
+    data.prepare(str(CORPUS / "tinyshakespeare.txt"), "bpe", work / "data", vocab_size=1024, verbose=False)
+    data.prepare(str(text), "bpe", work / "data", vocab_size=8192, verbose=False)
+    for title, dataset, shape, seconds_each, tokens_per_step in (
+            (f"tiny Shakespeare, {budget:.0f} s each (nanoGPT's wall time), val = last 10 %",
+             CORPUS / "tinyshakespeare.txt", SHAKESPEARE, budget, 32 * 64),
+            ("Chinese, zh_wiki_sample + zh_wiki_sentences_cc0 (8.1 MB), 300 s each, val = last 10 %",
+             text, CHINESE, 300.0, train_defaults_tokens_per_step())):
+        print(f"## recipes — {title}; every run: python train.py --dataset FILE {' '.join(shape)} "
+              f"--max_iters N (N calibrated to the budget) + the recipe's flags ({machine()})\n")
+        rows = []
+        if nano and dataset == CORPUS / "tinyshakespeare.txt":
+            rows.append(["nanoGPT's CPU recipe (characters, 4 × 128, block 64, batch 12, 2,000 iters)", "—", 2000,
+                         f"{nano[0]:.0f}", f"{nano[1] / _math.log(2):.3f}"])
+        key = "shakespeare" if shape is SHAKESPEARE else "chinese"
+        for name, flags in RECIPES[key].items():
+            args = ["--dataset", str(dataset), *shape, *data_dir, *flags]
+            seconds, steps, ev = train_for_seconds(args, seconds_each, tokens_per_step, work, f"{key}_{len(rows)}")
+            rows.append([f"ours: {name}", " ".join(flags) or "(none)", steps, f"{seconds:.0f}", f"{ev['val_bpb']:.3f}"])
+        table(["run", "recipe flags", "iters", "wall s", "val bits/byte"], rows)
+
+
+def train_defaults_tokens_per_step():
+    """Tokens per step of `python train.py` with no flags: gpt-micro's batch × context."""
+    import train
+    micro = train.PRESET_DEFAULTS["gpt-micro"]
+    return micro["batch_size"] * micro["block_size"]
 
 
 # ----------------------------------------------------------------------------------------------
