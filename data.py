@@ -188,8 +188,9 @@ def load_tokenizer(folder):
 # them to `num_proc` threads and returns their ids in the order given. Threads, not processes:
 # the encoder is Rust code that releases Python's GIL while it works, so threads really run on
 # separate cores, and they share the text instead of copying it. The order never depends on the
-# number of threads, so 1 or 16 write identical files. One document is one thread's work: a
-# single .txt file (one document) is encoded on one core — 0.5 s for 5.7 MB of Chinese.
+# number of threads, so 1 or 16 write identical files. A document is one thread's work, so a
+# single .txt file (one document) is encoded on one core: about half a second for 5.7 MB of
+# Chinese Wikipedia with cl100k_base, once — reused ever after.
 
 BATCH_DOCS = 1024                            # documents per call: every core busy, little memory
 
@@ -271,7 +272,7 @@ def write_meta(out, source, tokenizer, enc, counts, fingerprint):
 # A change to any of them means "rebuild". Files are known by size and time, not by a checksum:
 # any edit changes the time, and hashing 500 MB at every start would cost seconds for nothing.
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 4                           # bump when the files change meaning: old folders rebuild
 
 
 def make_fingerprint(source, max_mb):
@@ -485,11 +486,11 @@ def find_source(dataset, data_dir, verbose=True):
     if dataset in DATASETS:
         return builtin_source(dataset, data_dir, verbose)
     path, own = pathlib.Path(dataset), data_dir / "raw" / dataset
-    if path.is_dir() or (own.is_dir() and not path.exists() and os.sep not in dataset
-                         and "/" not in dataset):
-        folder = path if path.is_dir() else own
-        return folder_source(folder, folder_name(folder.resolve().name))
-    if path.exists() or path.suffix or "/" in dataset or os.sep in dataset:
+    if not path.exists() and own.is_dir():               # a bare NAME: your data/raw/NAME/
+        path = own
+    if path.is_dir():
+        return folder_source(path, folder_name(path.resolve().name))
+    if path.exists() or path.suffix or len(path.parts) > 1:   # it looks like a path: a file
         check_file(path)                                 # a file of yours: there, not empty, known
         return Source(folder_name(path.resolve().stem), [path], f"file {path}")
     raise InputError(f"unknown dataset '{dataset}' — choose one of {', '.join(DATASETS)}, a "
