@@ -71,7 +71,7 @@ VAL_FRACTION = 0.1
 
 
 class Source(typing.NamedTuple):
-    """A dataset ready to read (section 6 finds it)."""
+    """A dataset ready to read."""
     name: str                   # the folder it is written to: data/<name>/
     files: list                 # the files it reads: their sizes and times tell when it changed
     about: str                  # where it came from, in words
@@ -249,7 +249,7 @@ def write_meta(out, source, tokenizer, enc, counts, fingerprint):
         "vocab_size": enc.n_vocab,                           # the rows of the model's embedding
         "dtype": "uint16" if itemsize_for(enc) == 2 else "uint32",
         **counts,                    # tokens, and bytes of text: bits per byte divides by these
-        "fingerprint": fingerprint,  # the inputs it was made from (section 4)
+        "fingerprint": fingerprint,  # the inputs it was made from: prepare() compares it
     }
     with bpe.atomic_path(out / "meta.json") as temp:
         temp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -272,7 +272,7 @@ def write_meta(out, source, tokenizer, enc, counts, fingerprint):
 # A change to any of them means "rebuild". Files are known by size and time, not by a checksum:
 # any edit changes the time, and hashing 500 MB at every start would cost seconds for nothing.
 
-FORMAT_VERSION = 4                           # bump when the files change meaning: old folders rebuild
+FORMAT_VERSION = 4                      # bump when the files change meaning: old folders rebuild
 
 
 def make_fingerprint(source, max_mb):
