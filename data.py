@@ -6,7 +6,7 @@ What you will learn here, numbered as the section banners:
   2. the tokenizer a dataset is written with: OpenAI's by name, or our own BPE, trained on the
      training text and kept beside the token files;
   3. token files: every document's ids followed by <|endoftext|>, as uint16 or uint32, encoded
-     on every core, and a meta.json that says what is inside;
+     a document per thread on every core, and a meta.json that says what is inside;
   4. prepare(), the pipeline written straight through — source, tokenizer, token files,
      meta.json — which does nothing when the folder was made from the same inputs;
   5. reading them back: a memory-mapped tensor, and batches x = tokens[i:i+T],
