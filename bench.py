@@ -654,7 +654,7 @@ def bench_data():
     ours = {num_proc: best_of(3, lambda: prepare(num_proc)) for num_proc in (1, 2)}
     print(f"## data — tokenizing `zh_law_corpus.txt` ({machine()})\n")
     print(f"Tokenizing `zh_law_corpus.txt` ({mb:.1f} MB) with cl100k_base, best of 3 runs. "
-          f"`data.prepare` is the whole path: read, cut, tokenize, write .bin, sha256, meta.json.")
+          f"`data.prepare` is the whole path: read, tokenize, write .bin and meta.json.")
     print()
     print("| what | workers | wall s | CPU s | MB/s | vs. tiktoken, 1 thread | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -1236,7 +1236,9 @@ def test_folder_with_train_and_validation_decodes_to_the_exact_text(tmp_path):
     assert meta["train_bytes"] == len(TEXT.encode("utf-8"))
     assert meta["val_bytes"] == len("验证 text\n\nend".encode("utf-8"))
     assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
-    assert meta["sources"][0]["sha256"] == hashlib.sha256(TEXT.encode("utf-8")).hexdigest()
+    # the inputs it was made from: each file's path, size and modification time
+    made_from = [(pathlib.Path(f).name, size) for f, size, _ in meta["fingerprint"]["files"]]
+    assert made_from == [("train.txt", len(TEXT.encode("utf-8"))), ("validation.txt", meta["val_bytes"])]
 
 
 def test_single_txt_file_holds_out_its_last_tenth_at_a_line_break(tmp_path):
@@ -1261,6 +1263,14 @@ def test_cl100k_base_files_are_uint32(tmp_path):
     assert data.load_tokens(folder, "train").tolist() == enc.encode_ordinary(train_text) + [enc.eot_token]
 
 
+def test_an_edited_text_is_tokenized_again(tmp_path):
+    path = write(tmp_path / "t.txt", TEXT)
+    folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    write(path, TEXT + "\n加一行")
+    assert data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False) == folder
+    assert decoded(folder, "val").endswith("加一行" + EOT)
+
+
 def test_second_prepare_does_no_tokenizing(tmp_path, monkeypatch, capsys):
     path = write(tmp_path / "t.txt", TEXT)
     first = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
@@ -1275,19 +1285,15 @@ def test_second_prepare_does_no_tokenizing(tmp_path, monkeypatch, capsys):
 
 
 def test_one_and_two_workers_write_identical_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "TASK_CHARS", 300)  # many small tasks, long lines cut into parts
-    path = write(tmp_path / "t.txt", TEXT)
+    monkeypatch.setattr(data, "BATCH_DOCS", 3)  # many batches, each shared by the threads
+    docs = [f"文档 {i}\n" + TEXT[:40 * i] for i in range(1, 25)]          # of different lengths
+    path = write(tmp_path / "docs.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in docs))
     one = data.prepare(path, "gpt2", data_dir=tmp_path / "a", num_proc=1, verbose=False)
     two = data.prepare(path, "gpt2", data_dir=tmp_path / "b", num_proc=2, verbose=False)
     assert snapshot(one) == snapshot(two)
-    # cutting parts after a line break keeps the tokens of the whole text — with blank lines too,
-    # which GPT-2's pattern would split differently at the end of a part
-    enc = tiktoken.get_encoding("gpt2")
-    blank_lines = data.prepare(write(tmp_path / "b.txt", "Hello world, a line.\nAnd one more.\n\n" * 300 + TEXT), "gpt2",
-                               data_dir=tmp_path / "c", num_proc=2, verbose=False)
-    for folder in (two, blank_lines):
-        train_text = decoded(folder, "train")[:-len(EOT)]
-        assert data.load_tokens(folder, "train").tolist() == enc.encode_ordinary(train_text) + [enc.eot_token]
+    enc = tiktoken.get_encoding("gpt2")                        # each document's ids, then EOT
+    expected = [t for i, d in enumerate(docs) if i % 10 for t in enc.encode_ordinary(d) + [enc.eot_token]]
+    assert data.load_tokens(two, "train").tolist() == expected
 
 
 def test_jsonl_file_reads_text_or_completion_fields(tmp_path):
@@ -1297,7 +1303,7 @@ def test_jsonl_file_reads_text_or_completion_fields(tmp_path):
     folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
     assert decoded(folder, "train") == "".join(d + EOT for i, d in enumerate(docs) if i % 10)
     assert decoded(folder, "val") == docs[0] + EOT + docs[10] + EOT
-    assert data.load_meta(folder)["val_docs"] == 2
+    assert data.load_meta(folder)["val_bytes"] == len((docs[0] + docs[10]).encode("utf-8"))
 
 
 def test_max_mb_caps_the_text_tokenized(tmp_path):
@@ -1357,28 +1363,30 @@ def test_the_text_files_bom_is_not_trained_on(tmp_path):
     assert decoded(folder, "train").startswith("第0行")
 
 
-# ---- a prepared folder is checked before it is reused --------------------------------------------
+# ---- a prepared folder damaged behind our back ---------------------------------------------------
 
-@pytest.mark.parametrize("damage,says", [
-    ("cut_train_bin", "train.bin does not hold"),
-    ("cut_meta", "meta.json is damaged"),
-    ("garbage_tokenizer", "tokenizer.bpe is missing or damaged"),
-])
-def test_a_damaged_prepared_folder_is_rebuilt_saying_why(tmp_path, damage, says):
-    path = write(tmp_path / "t.txt", TEXT)
-    args = ("--dataset", path, "--data_dir", tmp_path / "d", "--vocab_size", 300, "--num_proc", 1)
+def test_a_damaged_meta_json_means_not_prepared_and_is_rebuilt(tmp_path):
+    args = ("--dataset", write(tmp_path / "t.txt", TEXT), "--data_dir", tmp_path / "d", "--vocab_size", 300,
+            "--num_proc", 1)
     assert run("data.py", *args)[0] == 0
     folder = tmp_path / "d" / "t" / "bpe300"
     good = snapshot(folder)
-    if damage == "cut_train_bin":
-        (folder / "train.bin").write_bytes(good["train.bin"][:100])
-    elif damage == "cut_meta":
-        (folder / "meta.json").write_bytes(good["meta.json"][:50])
-    else:
-        (folder / "tokenizer.bpe").write_text("garbage")
+    (folder / "meta.json").write_bytes(good["meta.json"][:50])
     code, _, err = run("data.py", *args)
-    assert code == 0 and says in err and "Traceback" not in err
+    assert code == 0 and "Traceback" not in err
     assert snapshot(folder) == good                # rebuilt exactly as it was
+
+
+def test_a_token_file_cut_short_is_refused_when_read_naming_the_fix(tmp_path):
+    path = write(tmp_path / "t.txt", TEXT)
+    folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    good = snapshot(folder)
+    (folder / "train.bin").write_bytes(good["train.bin"][:100])
+    with pytest.raises(bpe.InputError, match=r"train\.bin does not hold the [\d,]+ tokens .* delete .*meta\.json"):
+        data.load_tokens(folder, "train")
+    (folder / "meta.json").unlink()                # the fix the message names
+    data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    assert snapshot(folder) == good
 
 
 # ---- data.py's command line: bad input in one line ---------------------------------------------
