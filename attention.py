@@ -4,7 +4,8 @@ What you will learn here, numbered as the section banners:
   1. scaled dot-product attention written out as the formula softmax(q·kᵀ/√d + mask)·v,
      with the causal mask (and the offset it needs once a KV cache is in play);
   2. LayerNorm and GELU written out, so nothing in the model is a black box (the modules
-     then call torch's fused versions of the very same formulas, which the tests compare);
+     then call torch's fused versions of the very same formulas: test_all.py holds each fused
+     one to its written-out twin, here and in section 6);
   3. the MLP (feed-forward) sub-layer;
   4. multi-head causal self-attention: one fused q/k/v projection, splitting into heads,
      merging back, and a KV cache that makes generation fast;
@@ -100,7 +101,7 @@ def layer_norm(x, weight, bias=None, eps=1e-5):
 class LayerNorm(nn.Module):
     """LayerNorm with learnable γ (weight) and optional β (bias); `bias=False` drops β.
 
-    forward() calls torch's fused F.layer_norm: exactly layer_norm() above (the tests check),
+    forward() calls torch's fused F.layer_norm: layer_norm() above,
     but one kernel instead of eight, which matters when the model is small and every op's
     overhead shows.
     """
@@ -201,7 +202,7 @@ def attend(q, k, v, dropout_p=0.0, flash=True):
 
     Hkv = H, except in grouped-query attention (section 6), where each group of H / Hkv query
     heads shares one key/value head. flash=True runs torch's fused kernel, flash=False our
-    written-out function: the same numbers (the tests check).
+    written-out function: the same numbers, to float rounding.
     """
     Tq, Tk, group = q.size(2), k.size(2), q.size(1) // k.size(1)
     # torch's fused CPU kernel is slow in bfloat16 (torch 2.13; gpt-micro, block 64, forward +
@@ -214,7 +215,7 @@ def attend(q, k, v, dropout_p=0.0, flash=True):
         # newest query (Tq == 1), which may see every key, no mask at all.
         mask = causal_mask(Tq, Tk, device=q.device) if 1 < Tq < Tk else None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                              is_causal=(Tq == Tk > 1), enable_gqa=group > 1)
+                                              is_causal=(Tq == Tk and Tk > 1), enable_gqa=group > 1)
     if group > 1:                                                # each key/value head, once per
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # query head
     return scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p)
@@ -228,12 +229,11 @@ class CausalSelfAttention(nn.Module):
     concatenated back to width C and mixed by an output projection.
     """
 
-    def __init__(self, n_embd, n_head, dropout=0.0, bias=True, flash=True):
+    def __init__(self, n_embd, n_head, dropout=0.0, bias=True):
         super().__init__()
         assert n_embd % n_head == 0, f"n_embd ({n_embd}) must be divisible by n_head ({n_head})"
         self.n_head = n_head
         self.attn_dropout_p = dropout                            # a rate, applied to the weights
-        self.flash = flash                                       # True: torch's fused kernel
         # One matmul produces q, k and v for all heads at once: C → 3C (faster than three).
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)       # a residual projection
@@ -255,7 +255,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, H, C // H).transpose(1, 2)
         if cache is not None:
             k, v = cache.append(layer, k, v)                     # (B, H, T_cached + T, D)
-        y = attend(q, k, v, self.attn_dropout_p if self.training else 0.0, self.flash)
+        y = attend(q, k, v, self.attn_dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) → (B, T, H·D): merge heads
         return self.resid_dropout(self.c_proj(y))
 
@@ -273,19 +273,17 @@ class Block(nn.Module):
     is what lets deep stacks train.
     """
 
-    def __init__(self, n_embd, n_head, dropout=0.0, bias=True, flash=True):
+    def __init__(self, n_embd, n_head, dropout=0.0, bias=True):
         super().__init__()
         self.ln_1 = LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, bias=bias, flash=flash)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout=dropout, bias=bias)
         self.ln_2 = LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 
-    def forward(self, x, cache=None, layer=0, rope=None):       # (B, T, C) → (B, T, C)
-        # (rope: the modern block's rotations, section 6; GPT-2 adds its positions to the input)
+    def forward(self, x, cache=None, layer=0):                  # (B, T, C) → (B, T, C)
         x = x + self.attn(self.ln_1(x), cache=cache, layer=layer)
         x = x + self.mlp(self.ln_2(x))
         return x
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,8 +308,8 @@ def rms_norm(x, weight, eps=1e-5):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learnable gain γ. forward() calls torch's fused F.rms_norm: exactly
-    rms_norm() above (the tests check), in one kernel."""
+    """RMSNorm with a learnable gain γ. forward() calls torch's fused F.rms_norm: rms_norm()
+    above, in one kernel."""
 
     def __init__(self, ndim, eps=1e-5):
         super().__init__()
@@ -355,12 +353,12 @@ class GroupedQueryAttention(nn.Module):
     head. n_kv_head = n_head is ordinary multi-head attention; the KV cache holds only the
     n_kv_head heads, so it shrinks by the group size."""
 
-    def __init__(self, n_embd, n_head, n_kv_head=None, dropout=0.0, flash=True):
+    def __init__(self, n_embd, n_head, n_kv_head=None, dropout=0.0):
         super().__init__()
         self.n_head, self.n_kv_head = n_head, n_kv_head or n_head
         assert n_embd % n_head == 0, f"n_embd ({n_embd}) must be divisible by n_head ({n_head})"
         assert n_head % self.n_kv_head == 0, f"n_head ({n_head}) must be a multiple of n_kv_head"
-        self.attn_dropout_p, self.flash = dropout, flash
+        self.attn_dropout_p = dropout
         D = n_embd // n_head
         # q for every head, k and v for the n_kv_head heads only: C → (H + 2·Hkv)·D at once
         self.c_attn = nn.Linear(n_embd, (n_head + 2 * self.n_kv_head) * D, bias=False)
@@ -378,7 +376,7 @@ class GroupedQueryAttention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # positions enter here, q and k only
         if cache is not None:
             k, v = cache.append(layer, k, v)                     # (B, Hkv, T_cached + T, D)
-        y = attend(q, k, v, self.attn_dropout_p if self.training else 0.0, self.flash)
+        y = attend(q, k, v, self.attn_dropout_p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)                   # merge heads
         return self.resid_dropout(self.c_proj(y))
 
@@ -413,15 +411,15 @@ class SwiGLU(nn.Module):
 class LlamaBlock(nn.Module):
     """x = x + attn(rms_1(x), rope);  x = x + mlp(rms_2(x)) — GPT-2's wiring, Llama's parts."""
 
-    def __init__(self, n_embd, n_head, n_kv_head=None, dropout=0.0, flash=True):
+    def __init__(self, n_embd, n_head, n_kv_head=None, dropout=0.0):
         super().__init__()
         self.ln_1 = RMSNorm(n_embd)
-        self.attn = GroupedQueryAttention(n_embd, n_head, n_kv_head, dropout=dropout, flash=flash)
+        self.attn = GroupedQueryAttention(n_embd, n_head, n_kv_head, dropout=dropout)
         self.ln_2 = RMSNorm(n_embd)
         self.mlp = SwiGLU(n_embd, dropout=dropout)
 
-    def forward(self, x, cache=None, layer=0, rope=None):       # (B, T, C) → (B, T, C)
-        # rope: (cos, sin) of x's positions, which GPT passes to every block (Block's interface)
+    def forward(self, x, rope, cache=None, layer=0):            # (B, T, C) → (B, T, C)
+        # rope: (cos, sin) of x's positions, (T, D/2) each: GPT computes them once for all blocks
         x = x + self.attn(self.ln_1(x), rope, cache=cache, layer=layer)
         x = x + self.mlp(self.ln_2(x))
         return x

@@ -9,17 +9,19 @@ What you will learn here, numbered as the section banners:
   4. the tokenizer: BPETokenizer — encode by the merge rule, special tokens, decode;
   5. the encoder the other lessons run (tiktoken over the very same ranks), which tokenizer a
      checkpoint holds, and decoding a stream of tokens without "�";
-  6. the report: what gpt2, cl100k_base and a vocabulary of our own do to Chinese.
+  6. the chat template: a conversation as one stream of ids, with <|im_start|> and <|im_end|>
+     around each message, and the mask that says which ids are the assistant's;
+  7. the report: what gpt2, cl100k_base and a vocabulary of our own do to Chinese.
 Optional sections, for a second reading:
-  7. (optional) training fast: the same merges, updating pair counts only where a merge happened;
-  8. (optional) what every command line of the suite shares: one-line errors, flag checks,
+  8. (optional) training fast: the same merges, updating pair counts only where a merge happened;
+  9. (optional) what every command line of the suite shares: one-line errors, flag checks,
      reading text strictly, writing files atomically, choosing a device, reading a checkpoint;
-  9. (optional) the vocabulary file: a format a person can read;
- 10. (optional) the command line.
+ 10. (optional) the vocabulary file: a format a person can read;
+ 11. (optional) the command line.
 
 You need: Python. Nothing of ours comes before this (gpt.py's vocab_size is what this file
 decides). Imports: the standard library, `regex` (for \\p{L} and possessive quantifiers),
-`tiktoken` (OpenAI's vocabularies, and the fast encoder), and torch in section 8 only.
+`tiktoken` (OpenAI's vocabularies, and the fast encoder), and torch in section 9 only.
 Next lesson: data.py, which turns a corpus into a file of these ids.
 
     python bpe.py train FILE --vocab_size 4096 --out tokenizers/zh4096.bpe
@@ -88,8 +90,10 @@ GPT4_SPLIT_PATTERN = (
 )
 
 # The special token that separates documents: data.py puts it after every document, sample.py
-# starts an empty prompt from it and stops when the model writes it.
+# starts an empty prompt from it and stops when the model writes it. The chat template's two
+# (section 6) open and close each message of a conversation.
 ENDOFTEXT = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +165,7 @@ def encode_piece(piece, ranks):
 # pieces, and every occurrence is replaced, left to right, by one new token. Overlaps count as
 # plain adjacent positions: "aaa" holds the pair (a, a) twice, and merging it gives [aa, a].
 # Ties: the most frequent pair wins; among equally frequent pairs the smallest (a, b) in id order.
-# train_naive below is this rule as plain code; train_fast (section 7) follows the same rule with
+# train_naive below is this rule as plain code; train_fast (section 8) follows the same rule with
 # far less work, so the two produce the same merges (a test checks).
 #
 # If the joined bytes of the winning pair already are a token (built earlier from another split,
@@ -283,14 +287,15 @@ class BPETokenizer:
         out of pairs).
 
         Ids 0..255 are the byte values, then one id per merge, then the special tokens — by
-        default just <|endoftext|>, which therefore gets id vocab_size − 1. `progress`, if given,
-        is called after each merge as progress(step, total, token_bytes, count).
+        default <|endoftext|>, <|im_start|> and <|im_end|> (section 6: the chat template), which
+        therefore get the last three ids. `progress`, if given, is called after each merge as
+        progress(step, total, token_bytes, count).
         """
-        specials = [ENDOFTEXT] if special_tokens is None else list(special_tokens)
+        specials = [ENDOFTEXT, IM_START, IM_END] if special_tokens is None else list(special_tokens)
         assert vocab_size >= 256 + len(specials), (
             "vocab_size must hold the 256 bytes and the specials")
         piece_counts = count_pieces(text, pattern, specials)
-        # train_fast (section 7) makes the same merges as train_naive, thousands of times sooner
+        # train_fast (section 8) makes the same merges as train_naive, thousands of times sooner
         _, vocab = train_fast(piece_counts, vocab_size - 256 - len(specials), progress)
         ranks = {token: i for i, token in enumerate(vocab)}
         special_ids = {s: len(vocab) + k for k, s in enumerate(specials)}
@@ -355,7 +360,7 @@ class BPETokenizer:
         errors="replace" shows that as U+FFFD instead of failing."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
-    # -- keeping it: a file (the format is section 9), or plain data for a checkpoint -----------
+    # -- keeping it: a file (the format is section 10), or plain data for a checkpoint -----------
 
     def save(self, path):
         """Write the vocabulary as a plain-text file a person can read."""
@@ -480,7 +485,70 @@ def decode_stream(enc, token_ids):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Report: what each vocabulary does to a text
+# 6. The chat template
+# ----------------------------------------------------------------------------------------------
+# A chat model is the same GPT trained on conversations written out as one text. ChatML (the
+# template of Qwen, MiniMind and happy-llm) wraps each message in two special tokens:
+#
+#     <|im_start|>system\n你是一个乐于助人的助手。<|im_end|>\n
+#     <|im_start|>user\n「相濡以沫」是什么意思？<|im_end|>\n
+#     <|im_start|>assistant\n比喻同在困境，相互救助。<|im_end|>\n
+#
+# The model learns to write the assistant's turns — and <|im_end|> when a turn is over, which is
+# how a chat program knows the answer is complete. It should not learn to write the user's
+# messages: those come from the person. So next to the ids goes a mask, 1 exactly on the
+# assistant's content and its closing <|im_end|>, 0 elsewhere; the loss counts the targets where
+# the mask is 1 (data.py turns the rest into −1, which gpt.py's loss ignores). To answer, a chat
+# program renders the conversation so far and adds "<|im_start|>assistant\n": the model goes on
+# from there, and stops at <|im_end|>.
+#
+# The two tokens must be single ids, never spelled out from "<", "|", …: a user typing
+# "<|im_end|>" must not end a turn, so text is always encoded with encode_ordinary, and the
+# special ids are put in by hand. Our BPE reserves them from the start (BPETokenizer.train);
+# with_chat_tokens gives them to a tokenizer that lacks them (gpt2, cl100k_base, an older BPE of
+# ours) as two new ids after its last, and the model then grows two embedding rows for them
+# (gpt.py, GPT.grow_vocab).
+
+ROLES = ("system", "user", "assistant")
+
+
+def with_chat_tokens(tokenizer):
+    """A BPETokenizer holding <|im_start|> and <|im_end|>: `tokenizer` itself if it has them
+    already, else the same vocabulary with the missing ones as new ids after its last."""
+    if tokenizer in TIKTOKEN_NAMES:                      # OpenAI's, as a BPETokenizer we can extend
+        tokenizer = BPETokenizer.from_tiktoken(tokenizer)
+    missing = [t for t in (IM_START, IM_END) if t not in tokenizer.special_tokens]
+    if not missing:
+        return tokenizer
+    added = {t: tokenizer.n_vocab + k for k, t in enumerate(missing)}
+    return BPETokenizer(tokenizer.ranks, tokenizer.pattern, {**tokenizer.special_tokens, **added},
+                        name=f"{tokenizer.name}-chat")
+
+
+def render_chat(messages, enc, reply=False):
+    """A conversation — [{"role": "system" | "user" | "assistant", "content": str}, …] — as
+    (ids, mask) in ChatML; mask 1 exactly on each assistant message's content and its <|im_end|>.
+    reply=True appends "<|im_start|>assistant\n": the prompt for the next answer.
+
+    enc: a tiktoken Encoding with both chat tokens (get_tokenizer of a with_chat_tokens result).
+    """
+    start, end = enc.encode_single_token(IM_START), enc.encode_single_token(IM_END)
+    newline = enc.encode_ordinary("\n")
+    ids, mask = [], []
+    for message in messages:
+        head = [start] + enc.encode_ordinary(message["role"] + "\n")    # <|im_start|>role\n
+        body = enc.encode_ordinary(message["content"]) + [end]          # content<|im_end|>
+        learn = int(message["role"] == "assistant")
+        ids += head + body + newline
+        mask += [0] * len(head) + [learn] * len(body) + [0] * len(newline)
+    if reply:
+        head = [start] + enc.encode_ordinary("assistant\n")
+        ids, mask = ids + head, mask + [0] * len(head)
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Report: what each vocabulary does to a text
 # ----------------------------------------------------------------------------------------------
 # GPT-2 saw little Chinese when its merges were learned, so most Han characters are not tokens:
 # each costs two or three tokens, and most of its tokens on Chinese are fragments of a character.
@@ -520,7 +588,7 @@ def token_report(text, encodings):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. (optional) Training fast
+# 8. (optional) Training fast
 # ----------------------------------------------------------------------------------------------
 # What it adds: train_naive's merges, with work proportional to what each merge changes — 5 MB
 # to 4,096 tokens in about 9 s instead of hours. Merging (a, b) changes only the pairs that touch
@@ -626,7 +694,7 @@ def train_fast(piece_counts, num_merges, progress=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. (optional) What every command line of the suite shares
+# 9. (optional) What every command line of the suite shares
 # ----------------------------------------------------------------------------------------------
 # What it adds: bpe.py, data.py, train.py and sample.py check flags, read text, write files and
 # report a mistake (an InputError) the same way — one line naming the fix, never a traceback, and
@@ -658,7 +726,7 @@ def number_flag(kind, rule, ok):
     return parse
 
 
-VOCAB_SIZE_FLAG = number_flag(int, "≥ 257 (256 byte tokens + <|endoftext|>)", lambda n: n >= 257)
+VOCAB_SIZE_FLAG = number_flag(int, "≥ 259 (256 byte tokens + 3 special tokens)", lambda n: n >= 259)
 MAX_MB_FLAG = number_flag(float, "> 0", lambda mb: mb > 0)
 
 
@@ -741,8 +809,9 @@ def device_flag(name):
             torch.empty(0, device=name)          # torch itself says whether the device is usable
         except (RuntimeError, AssertionError) as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:57]
-            raise argparse.ArgumentTypeError(f"{name} is not a device torch can use here ({reason}) "
-                                             f"— use auto, cpu, cuda, cuda:N or mps") from None
+            raise argparse.ArgumentTypeError(
+                f"{name} is not a device torch can use here ({reason}) — use auto, cpu, cuda, "
+                f"cuda:N or mps") from None
     return name
 
 
@@ -769,8 +838,9 @@ def read_checkpoint(path, need=("model", "model_config", "tokenizer")):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:     # not torch.save's zip, cut short, or holding pickled classes
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:80]
-        raise InputError(f"{path} is not a whole checkpoint written by train.py ({reason}) — was "
-                         f"it being saved when the run stopped? Give another, e.g. last.pt") from None
+        raise InputError(f"{path} is not a whole checkpoint written by train.py ({reason}) — "
+                         f"was it being saved when the run stopped? Give another, e.g. "
+                         f"last.pt") from None
     missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise InputError(f"{path} is not a checkpoint of this project "
@@ -779,7 +849,7 @@ def read_checkpoint(path, need=("model", "model_config", "tokenizer")):
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. (optional) The vocabulary file
+# 10. (optional) The vocabulary file
 # ----------------------------------------------------------------------------------------------
 # What it adds: a vocabulary saved as text a person can read and check — a header, then one token
 # per line as `id <tab> bytes in hex <tab> the bytes shown as a Python string` (only id and hex
@@ -832,10 +902,10 @@ def read_tokenizer_file(path, cls):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. (optional) Command line
+# 11. (optional) Command line
 # ----------------------------------------------------------------------------------------------
 # What it adds: `python bpe.py train` learns a vocabulary from a file and saves it; `python bpe.py
-# report` prints the table of section 6 for gpt2, cl100k_base and your vocabularies.
+# report` prints the table of section 7 for gpt2, cl100k_base and your vocabularies.
 
 def train_command(args):
     text = read_text(args.file, args.max_mb)
@@ -845,7 +915,7 @@ def train_command(args):
     make_writable_folder(pathlib.Path(args.out).parent, "--out")
     pattern = GPT4_SPLIT_PATTERN if args.pattern == "gpt4" else GPT2_SPLIT_PATTERN
     t0 = time.time()
-    every = max(1, (args.vocab_size - 257) // 20)
+    every = max(1, (args.vocab_size - 259) // 20)
 
     def progress(step, total, token, count):
         if step % every == 0 or step == total:
@@ -877,7 +947,7 @@ def main(argv=None):
     p = sub.add_parser("train", help="learn a vocabulary from a UTF-8 text file")
     p.add_argument("file", help="UTF-8 text to learn from")
     p.add_argument("--vocab_size", type=VOCAB_SIZE_FLAG, required=True,
-                   help="total ids, counting 256 bytes and <|endoftext|> (at least 257)")
+                   help="total ids, counting 256 bytes and 3 special tokens (at least 259)")
     p.add_argument("--out", required=True, help="where to write the vocabulary (plain text)")
     p.add_argument("--pattern", choices=["gpt4", "gpt2"], default="gpt4",
                    help="split pattern: gpt4 (cl100k, default) or gpt2")

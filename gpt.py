@@ -8,11 +8,13 @@ What you will learn here, numbered as the section banners:
      language-model head that shares its matrix with the token embedding (weight tying); GPT-2's
      initialisation and why the residual projections start smaller; the loss, cross-entropy of
      the next token in nats per token;
-  3. generation: temperature, top-k, top-p (nucleus) sampling, streamed one token at a time,
-     with the KV cache from attention.py making each new token cheap;
+  3. generation: temperature, top-k, top-p (nucleus) sampling, a repetition penalty, streamed
+     one token at a time, with the KV cache from attention.py making each new token cheap;
   4. size and cost: counting parameters and FLOPs (for MFU, the share of the hardware's peak we
-     use); a GPT rebuilt from a checkpoint's shape and weights, whatever wrapper (torch.compile,
-     DDP) they were saved from; bits per byte, the loss that compares tokenizers.
+     use);
+  5. a GPT rebuilt from a checkpoint's shape and weights, whatever wrapper (torch.compile, DDP)
+     they were saved from, and given rows for new tokens (the chat template's, when chat-tuning);
+     bits per byte, the loss that compares models with different tokenizers.
 Optional sections: none — every line here is the lesson.
 
 You need: attention.py (Block, LayerNorm, KVCache; LlamaBlock, RMSNorm, rope_tables).
@@ -151,8 +153,11 @@ class GPT(nn.Module):
         else:                                    # the rotations of positions start … start + T − 1
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=cache, layer=i, rope=rope)        # (B, T, C)
+        for i, block in enumerate(self.blocks):                  # (B, T, C) → (B, T, C)
+            if rope is None:                                     # GPT-2's: positions added above
+                x = block(x, cache=cache, layer=i)
+            else:                                                # Llama's: it rotates q and k
+                x = block(x, rope, cache=cache, layer=i)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, cache=None):
@@ -160,8 +165,9 @@ class GPT(nn.Module):
 
         With targets (B, T): logits for every position (B, T, vocab) and the mean
         cross-entropy in nats/token; positions whose target is −1 are ignored.
-        Without targets: only the last position's logits (B, 1, vocab) — all that generation
-        needs, and it skips a (B, T, vocab) matmul that is the model's largest.
+        Without targets: only the last position's logits (B, 1, vocab) — all that predicting the
+        next token needs, and it skips a (B, T, vocab) matmul that is the model's largest
+        (stream() below goes further still: it scores with a transposed copy of the matrix).
         cache: as in hidden_states.
         """
         x = self.hidden_states(idx, cache)                       # (B, T, C)
@@ -219,7 +225,7 @@ class GPT(nn.Module):
 
     @torch.inference_mode()        # like no_grad, and lighter still: no autograd bookkeeping at all
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-               use_cache=True, generator=None):
+               use_cache=True, generator=None, repetition_penalty=1.0):
         """Yield the new tokens one at a time, each a (B,) tensor (int(t) for B = 1).
 
         idx: (B, T) the prompt. Put the model in eval mode first (model.eval()), else dropout
@@ -229,6 +235,13 @@ class GPT(nn.Module):
         cost O(T) per new token and attention O(T²). With the cache the prompt runs once
         ("prefill"); then each step feeds only the newest token: O(1) for the Linear layers and
         O(T) for its one query attending to the cached keys and values.
+
+        repetition_penalty θ ≥ 1 makes every token this call has already written less likely
+        (CTRL's penalty, Keskar et al. 2019, as transformers and llama.cpp apply it): its logit
+        is divided by θ if positive, multiplied by θ if negative. Small models loop
+        ("指为为为为…"); θ ≈ 1.1–1.3 breaks the loop without banning a repeated character
+        outright. Only the new tokens count, not the prompt's: a chat prompt is full of
+        <|im_end|>, which the answer must still be free to write.
         """
         block_size = self.config.block_size
         # Every new token is scored against the whole (vocab, C) output matrix, the biggest read
@@ -238,6 +251,7 @@ class GPT(nn.Module):
         # CPU of bench.py's tables that is ~3× faster, and the transposed copy, made once per
         # call, pays for itself within about 10 tokens.
         head = self.lm_head.weight.t().contiguous()              # (C, vocab)
+        prompt_length = idx.size(1)
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -255,15 +269,20 @@ class GPT(nn.Module):
             else:
                 x = self.hidden_states(idx[:, -1:], cache=cache)   # only the newest token
             logits = x[:, -1, :] @ head                          # (B, C) @ (C, vocab) → (B, vocab)
+            if repetition_penalty != 1.0 and idx.size(1) > prompt_length:
+                seen = idx[:, prompt_length:][:, -block_size:]   # (B, n): the tokens written
+                old = logits.gather(-1, seen)
+                logits = logits.scatter(-1, seen, torch.where(old > 0, old / repetition_penalty,
+                                                              old * repetition_penalty))
             next_id = self.sample_next(logits, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_id], dim=1)               # (B, T+1)
             yield next_id[:, 0]
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 use_cache=True, generator=None):
+                 use_cache=True, generator=None, repetition_penalty=1.0):
         """Like stream(), but return idx (B, T + max_new_tokens) with all new tokens appended."""
         new = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache,
-                               generator))
+                               generator, repetition_penalty))
         if not new:
             return idx
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
@@ -298,6 +317,26 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
 
+
+    # ------------------------------------------------------------------------------------------
+    # 5. From a checkpoint, and new tokens
+    # ------------------------------------------------------------------------------------------
+
+    def grow_vocab(self, vocab_size):
+        """Give the model rows for new token ids up to `vocab_size` (the chat template's two
+        tokens, added to a vocabulary that lacked them: bpe.with_chat_tokens).
+
+        Each new row starts as the mean of the old rows: as an input, a generic token rather
+        than noise; as an output row (the head is tied to it), a logit close to the average
+        token's, so the new token starts neither likely nor impossible, and tuning moves it from
+        there. The old rows are kept as they are, so every old token's logit is unchanged.
+        """
+        old = self.wte.weight.data                               # (vocab, C)
+        assert vocab_size > len(old), f"grow_vocab: {vocab_size} is not more than {len(old)}"
+        new = old.mean(dim=0, keepdim=True).expand(vocab_size - len(old), -1)
+        self.wte = nn.Embedding.from_pretrained(torch.cat([old, new]), freeze=False)
+        self.lm_head.weight = self.wte.weight                    # tied, as before
+        self.lm_head.out_features = self.config.vocab_size = vocab_size
 
     @classmethod
     def from_checkpoint(cls, ckpt, **changes):

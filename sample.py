@@ -7,19 +7,23 @@ What you will learn here, numbered as the section banners:
      its end), the model streams new tokens (temperature, top-k, top-p, a seed, the KV cache),
      and bpe.decode_stream prints them as whole characters — no "�" for Chinese or emoji — until
      the model writes <|endoftext|>;
-  3. scoring: the model's loss on any text over sliding windows, as nats/token, perplexity and
+  3. chatting with a chat-tuned model: the conversation rendered in the chat template, the answer
+     streamed until <|im_end|>, the history kept within the context;
+  4. scoring: the model's loss on any text over sliding windows, as nats/token, perplexity and
      bits per byte — the one number that compares models with *different* tokenizers fairly.
 Optional sections, for a second reading:
-  4. (optional) the command line, with an interactive prompt loop.
+  5. (optional) the command line, with an interactive prompt loop.
 
 You need: gpt.py (GPT.from_checkpoint, GPT.stream, bits_per_byte) and bpe.py (get_tokenizer,
-decode_stream, ENDOFTEXT, read_checkpoint, pick_device). This file reads what train.py wrote,
+decode_stream, ENDOFTEXT, the chat template: render_chat and IM_END, read_checkpoint,
+pick_device). This file reads what train.py wrote,
 but needs none of its code: sampling loads no training machinery.
 This is the last lesson.
 
     python sample.py --prompt "人工智能"                      # newest checkpoints/*/best_model.pt
     python sample.py --checkpoint checkpoints/gpt-micro/best_model.pt --num_samples 3 --seed 7
     python sample.py --interactive --temperature 0.8 --top_p 0.95
+    python sample.py --checkpoint checkpoints/chat/best_model.pt --chat --system "你是一个助手。"
     python sample.py --score my_text.txt
 """
 import math
@@ -92,21 +96,23 @@ def encode_prompt(enc, prompt, block_size):
 
 
 def stream_text(model, enc, ids, max_new_tokens=256, temperature=1.0, top_k=None, top_p=None,
-                use_cache=True, generator=None, stop_at_eot=True):
-    """Generate after the prompt ids and yield the new text piece by piece, as it is produced.
+                use_cache=True, generator=None, repetition_penalty=1.0, stop=(ENDOFTEXT,)):
+    """Generate after the prompt ids and yield the new text piece by piece, as it is produced,
+    until the model writes one of the special tokens `stop` (or max_new_tokens run out).
 
     Each piece is whole characters (bpe.decode_stream holds back a character split across
     tokens until its last byte arrives). The model and the generator must be on one device.
     """
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)   # (1, T)
-    eot = end_of_text(enc) if stop_at_eot else None
+    stop_ids = {enc.encode_single_token(t) for t in stop if t in enc.special_tokens_set}
 
     def new_ids():
         for token in model.stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                  use_cache=use_cache, generator=generator):
-            if int(token) == eot:                # (1,) → int
-                return                           # the model ended the text
+                                  use_cache=use_cache, generator=generator,
+                                  repetition_penalty=repetition_penalty):
+            if int(token) in stop_ids:           # (1,) → int
+                return                           # the model ended the text (or its turn)
             yield int(token)
 
     yield from bpe.decode_stream(enc, new_ids())
@@ -118,7 +124,74 @@ def make_generator(seed, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Scoring a text
+# 3. Chatting
+# ----------------------------------------------------------------------------------------------
+# A chat-tuned model (train.py --init_from … --dataset <chat data>) learnt conversations written
+# in the chat template (bpe.py, section 6), so we talk to it in that form: the conversation so
+# far, rendered, then "<|im_start|>assistant\n" — and the model writes the answer, ending it with
+# <|im_end|>, where we stop. The answer joins the history, and the next question is asked after
+# all of it. The history must fit the context, with room left for the answer: the oldest
+# messages go first, and the system prompt (who the assistant is) always stays.
+
+def chat_prompt(history, enc, block_size, room):
+    """The ids that ask for the next answer: the system prompt and as many of the newest messages
+    as fit in block_size − room tokens (a single message too long for that keeps its end)."""
+    system = [m for m in history if m["role"] == "system"]
+    turns = [m for m in history if m["role"] != "system"]
+    while True:
+        ids, _ = bpe.render_chat(system + turns, enc, reply=True)
+        if len(ids) <= block_size - room:
+            return ids
+        if len(turns) == 1:                              # one message too long: its end stays
+            head, _ = bpe.render_chat(system, enc)
+            return head + ids[len(head):][-(block_size - room - len(head)):]
+        turns = turns[1:]
+        while turns[0]["role"] == "assistant":           # a conversation starts with a question
+            turns = turns[1:]
+
+
+def answer(model, enc, history, args, generator):
+    """Stream the model's answer to the conversation in `history`, print it, and return it."""
+    block_size = model.config.block_size
+    ids = chat_prompt(history, enc, block_size, room=min(args.max_new_tokens, block_size // 2))
+    pieces = []
+    for piece in stream_text(model, enc, ids, args.max_new_tokens, args.temperature, args.top_k,
+                             args.top_p, not args.no_cache, generator, args.repetition_penalty,
+                             stop=(bpe.IM_END, ENDOFTEXT)):
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    print(flush=True)
+    return "".join(pieces)
+
+
+def chat(model, enc, args, generator):
+    """Talk: each message typed gets an answer, and both join the history. `/reset` forgets the
+    history (the system prompt stays); Ctrl-D or `exit` leaves. With --prompt: one answer."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    if not args.prompt:
+        print("Chat with the model; /reset forgets the conversation, Ctrl-D or 'exit' leaves.",
+              file=sys.stderr)
+    while True:
+        try:
+            message = args.prompt or input(">>> ")
+        except EOFError:
+            print()
+            return
+        if message.strip() in ("exit", "quit"):
+            return
+        if message.strip() == "/reset":
+            history = list(system)
+            continue
+        history.append({"role": "user", "content": message})
+        history.append({"role": "assistant", "content": answer(model, enc, history, args,
+                                                              generator)})
+        if args.prompt:
+            return
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Scoring a text
 # ----------------------------------------------------------------------------------------------
 # The loss in nats/token depends on the tokenizer: a tokenizer with longer tokens has fewer,
 # harder tokens. Bits per byte does not: the total information (nats), converted to bits
@@ -201,7 +274,7 @@ def score_text(model, enc, text, stride=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. (optional) Command line
+# 5. (optional) Command line
 # ----------------------------------------------------------------------------------------------
 # What it adds: `python sample.py` prints samples, runs a prompt loop (--interactive), or scores
 # a file (--score). It also accepts the --tokenizer and --model_type of LLM Learning's generate
@@ -231,6 +304,12 @@ def parse_args(argv=None):
     a("--no_cache", action="store_true",
       help="recompute the whole context for every token (slow; to compare)")
     a("--interactive", action="store_true", help="a prompt loop (Ctrl-D or 'exit' to leave)")
+    a("--chat", action="store_true",
+      help="talk with a chat-tuned checkpoint (with --prompt: answer once and exit)")
+    a("--system", default=None, help="with --chat: the system prompt, kept all conversation long")
+    a("--repetition_penalty", type=bpe.number_flag(float, "≥ 1", lambda r: r >= 1), default=1.0,
+      help="make every token the answer has already written less likely: its logit ÷ this if "
+           "positive, × this if negative (1 = off; 1.1–1.3 stops a small model's loops)")
     a("--score", metavar="FILE", default=None,
       help="print the loss on FILE (nats/token, perplexity, bits per byte) and exit")
     a("--tokenizer", default=None,
@@ -271,7 +350,7 @@ def print_samples(model, enc, prompt, args, generator):
     ids = encode_prompt(enc, prompt, model.config.block_size)
     for i in range(args.num_samples):
         pieces = stream_text(model, enc, ids, args.max_new_tokens, args.temperature, args.top_k,
-                             args.top_p, use_cache=not args.no_cache, generator=generator)
+                             args.top_p, not args.no_cache, generator, args.repetition_penalty)
         if args.no_stream:
             print(prompt + "".join(pieces), end="")
         else:
@@ -313,7 +392,13 @@ def main(argv=None):
         return
     torch.manual_seed(args.seed)
     generator = make_generator(args.seed, device)
-    if args.interactive:
+    if args.chat:
+        if not ckpt.get("chat"):
+            raise InputError(f"{path} was never chat-tuned — tune it on conversations first: "
+                             f"python train.py --init_from {path} --dataset zh_idioms "
+                             f"--out_dir checkpoints/chat")
+        chat(model, enc, args, generator)
+    elif args.interactive:
         interactive_loop(model, enc, args, generator)
     else:
         print_samples(model, enc, args.prompt, args, generator)

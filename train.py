@@ -12,7 +12,8 @@ What you will learn here, numbered as the section banners:
   6. the checkpoint: one function builds it and says who reads each key; putting it back so a
      resumed run goes on exactly as if it had never stopped;
   7. the run: set up (fresh, resumed, or started from another model's weights), then the loop
-     itself — a visible `while` that evaluates, saves, steps and logs; no trainer class.
+     itself — a visible `while` that evaluates, saves, steps and logs; no trainer class. Chat
+     tuning is this same run on conversations (data.py, section 6): a few lines below say so.
 Optional sections, for a second reading:
   8. (optional) progress you can watch: log.jsonl, loss.svg, a sample while it trains;
   9. (optional) the run folder: one run at a time (an OS lock), a log that rewinds on resume,
@@ -29,6 +30,8 @@ Next lesson: sample.py turns the checkpoint this file writes back into text.
     python train.py --model_type gpt-micro --dataset chinese --max_iters 2000
     python train.py --resume --out_dir checkpoints/gpt-micro --max_iters 4000
     python train.py --init_from checkpoints/gpt-micro/best_model.pt --dataset my.txt --out_dir mine
+    python train.py --init_from checkpoints/gpt-micro/best_model.pt --dataset zh_idioms \
+        --out_dir checkpoints/chat                                    # chat tuning
     torchrun --nproc_per_node 2 train.py --model_type gpt-mini --dataset chinese
 """
 import argparse
@@ -36,6 +39,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import math
 import os
@@ -110,7 +114,8 @@ class Settings:
                             type=POSITIVE)
     batch_size: int = setting(None, "sequences per micro-batch, per process", type=COUNT)
     grad_accum: int = setting(1, "micro-batches per optimizer step (the second name is LLM "
-                                 "Learning's)", type=COUNT, aliases=["--gradient_accumulation_steps"])
+                                 "Learning's)", type=COUNT,
+                              aliases=["--gradient_accumulation_steps"])
     optimizer: str = setting(None, "adamw, or muon for the blocks' matrices (+ adamw for the rest)",
                              choices=["adamw", "muon"])
     lr: float = setting(None, "peak learning rate (AdamW's)", type=POSITIVE)
@@ -124,7 +129,8 @@ class Settings:
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: never)", type=NON_NEGATIVE)
     # where, and how fast
     dtype: str = setting("auto", "autocast precision (auto: float32 on a CPU, bfloat16 or "
-                                 "float16 on a GPU)", choices=["auto", "float32", "bfloat16", "float16"])
+                                 "float16 on a GPU)",
+                         choices=["auto", "float32", "bfloat16", "float16"])
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps",
                           type=bpe.device_flag)
     compile: bool = setting(False, "torch.compile the model (faster on a GPU, after a warm-up)")
@@ -419,7 +425,7 @@ def estimate_loss(model, tokens_by_split, settings, device, autocast_ctx, seed):
 # A checkpoint is one dict that torch.load(path, weights_only=True) can read: tensors and plain
 # Python (dict, list, str, int, float) only, never a pickled class (bpe.read_checkpoint says why).
 
-def make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer, progress):
+def make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer, progress, chat):
     """Everything a run is, at this moment, as one dict:
 
     key            what it holds                                      who reads it
@@ -437,6 +443,7 @@ def make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer, pro
     history        (iteration, loss) of every evaluation: loss.svg    --resume
     init_from      {"path", "iter_num"} of the checkpoint this run    a record for you
                    started from (--init_from), or None
+    chat           whether it was trained on conversations            sample.py --chat
 
     (iter_num, best_val_loss, history, init_from change as it goes: `progress`, as restore gives.)
     """
@@ -453,6 +460,7 @@ def make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer, pro
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
         "data_state": batches.state_dict(),
         **progress,
+        "chat": chat,
     }
 
 
@@ -517,7 +525,16 @@ def train(settings, resume=None, start=None):
         if resume is not None and bpe.tokenizer_from_entry(resume["tokenizer"]) != tokenizer:
             raise InputError(f"{folder} now holds another tokenizer than {out}/last.pt: the text "
                              f"changed since — resume with the text as it was, or start a new run")
-        tokens = {split: data.load_tokens(folder, split) for split in ("train", "val")}
+        if meta["chat"]:     # conversations: rows that each begin one (data.py, section 6)
+            tokens, cut = {}, 0
+            for split in ("train", "val"):
+                tokens[split], n = data.chat_rows(folder, split, settings.block_size)
+                cut += n
+            if master and cut:
+                print(f"note: {cut:,} conversations are longer than the context "
+                      f"({settings.block_size} tokens) and were cut to it")
+        else:
+            tokens = {split: data.load_tokens(folder, split) for split in ("train", "val")}
         batches = data.BatchIterator(tokens["train"], settings.block_size, settings.batch_size,
                                      seed=settings.seed, rank=rank, world_size=world, device=device)
         if resume or start:                      # the checkpoint's shape and weights
@@ -531,12 +548,16 @@ def train(settings, resume=None, start=None):
                                               block_size=settings.block_size,
                                               dropout=settings.dropout, bias=bool(settings.bias),
                                               block=settings.block, n_kv_head=settings.n_kv_head))
+        if model.config.vocab_size < meta["vocab_size"]:   # chat data brought two new tokens
+            model.grow_vocab(meta["vocab_size"])
         model.to(device)
         optimizers = make_optimizers(model, settings)
         # The scaler is only active for float16; for other dtypes every call passes straight on.
         scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
-        progress = {"iter_num": 0, "best_val_loss": float("inf"), "history": {"train": [], "val": []},
-                    "init_from": start and {"path": str(start["path"]), "iter_num": start["iter_num"]}}
+        progress = {"iter_num": 0, "best_val_loss": float("inf"),
+                    "history": {"train": [], "val": []},
+                    "init_from": start and {"path": str(start["path"]),
+                                            "iter_num": start["iter_num"]}}
         if resume is not None:
             progress = restore(resume, optimizers, scaler, batches)
             if master:
@@ -554,7 +575,8 @@ def train(settings, resume=None, start=None):
             print(f"model {settings.model_type}: {model.num_params(False) / 1e6:.2f}M parameters, "
                   f"vocab {model.config.vocab_size}, context {model.config.block_size} | device "
                   f"{device}, {dtype} | {tokens_per_step:,} tokens/step, "
-                  f"{batches.steps_per_epoch // settings.grad_accum} steps/epoch, {total_iters} steps")
+                  f"{batches.steps_per_epoch // settings.grad_accum} steps/epoch, "
+                  f"{total_iters} steps")
 
         # --- the loop ---------------------------------------------------------------------------
         # At each iteration first evaluate (every eval_interval steps), then stop or take a step.
@@ -565,7 +587,8 @@ def train(settings, resume=None, start=None):
             while True:
                 it = progress["iter_num"]
                 due = it % settings.eval_interval == 0 or it == total_iters
-                if due and not (history["val"] and history["val"][-1][0] == it):  # (not twice)
+                # (a resumed run starts where its last evaluation was made and saved: not again)
+                if due and not (history["val"] and history["val"][-1][0] == it):
                     losses = estimate_loss(wrapped, tokens, settings, device, autocast_ctx,
                                            seed=settings.seed + 1000 * rank)
                     losses = average_across_ranks(losses, world, device)
@@ -581,13 +604,15 @@ def train(settings, resume=None, start=None):
                         progress["best_val_loss"] = min(progress["best_val_loss"], losses["val"])
                         log_eval(out, it, batches.epoch, losses, meta)
                         checkpoint = make_checkpoint(model, optimizers, scaler, batches, settings,
-                                                     tokenizer, progress)
+                                                     tokenizer, progress, meta["chat"])
                         save_checkpoint(checkpoint, out / "last.pt")
                         if improved:
                             save_checkpoint(checkpoint, out / "best_model.pt")
                         write_loss_svg(out / "loss.svg", history["train"], history["val"])
-                        if settings.sample_every and (len(history["val"]) - 1) % settings.sample_every == 0:
-                            sample_while_training(model, tokenizer, tokens["val"], settings, it, out)
+                        evaluation = len(history["val"]) - 1         # its number: 0, 1, 2, …
+                        if settings.sample_every and evaluation % settings.sample_every == 0:
+                            sample_while_training(model, tokenizer, tokens["val"], settings, it,
+                                                  out, meta["chat"])
                     clock = (time.time(), it)    # tokens/s counts training time only
                 if it >= total_iters or stopping:
                     break
@@ -616,12 +641,13 @@ def train(settings, resume=None, start=None):
                     clock = (time.time(), it)
                     if master:
                         log_step(out, it, total_iters, batches.epoch, loss, lr, norm, stepped,
-                                 tokens_per_step / seconds_per_step, seconds_per_step, model, device, world)
+                                 tokens_per_step / seconds_per_step, seconds_per_step, model,
+                                 device, world)
 
         # --- the end: where the checkpoints are, or how to resume a stopped run -----------------
         if master and stopping and progress["iter_num"] < total_iters:
             save_checkpoint(make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer,
-                                            progress), out / "last.pt")
+                                            progress, meta["chat"]), out / "last.pt")
             launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
             print(f"stopped at iteration {progress['iter_num']}; saved {out / 'last.pt'}. Resume "
                   f"with:\n  {launcher} train.py --resume --out_dir {out}")
@@ -701,7 +727,9 @@ def log_step(out, it, total_iters, epoch, loss, lr, norm, stepped, tokens_per_s,
 
 def log_eval(out, it, epoch, losses, meta):
     """The evaluation's line: nats/token, perplexity (e^loss) and bits per byte."""
-    bpb = bits_per_byte(losses["val"], meta["val_tokens"], meta["val_bytes"])
+    # the loss counts the targets: every token, or in chat data the assistant's (val_targets)
+    bpb = bits_per_byte(losses["val"], meta.get("val_targets", meta["val_tokens"]),
+                        meta["val_bytes"])
     perplexity = math.exp(min(losses["val"], 50))             # e^loss; capped so it cannot overflow
     print(f"eval {it}: train {losses['train']:.4f}, val {losses['val']:.4f} nats/token, "
           f"val perplexity {perplexity:.2f}, val {bpb:.4f} bits/byte", flush=True)
@@ -743,30 +771,41 @@ def write_loss_svg(path, train_points, val_points, width=640, height=360, pad=48
         temp.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
-def sample_while_training(model, tokenizer, val_tokens, settings, it, out):
+def sample_while_training(model, tokenizer, val_tokens, settings, it, out, chat):
     """Print and log a short continuation of --sample_prompt (default: the validation text's
-    first line, 20 characters — text the model has not trained on, in the style it learns).
+    first line, 20 characters — text the model has not trained on, in the style it learns). On
+    chat data: the model's answer to the first validation question, asked in the chat template.
 
     It must not change the training by a single bit: the model goes back to train mode, and the
     sampling draws from a generator of its own (seeded alike each time, so the samples of
     successive evaluations differ only because the model does), never from the global RNG.
     """
     enc = bpe.get_tokenizer(tokenizer)
-    prompt = settings.sample_prompt
-    if prompt is None:                                       # 200 tokens hold a line or more
-        text = enc.decode([t for t in val_tokens[:200].tolist() if t != enc.eot_token])
-        prompt = next((line.strip() for line in text.splitlines() if line.strip()), "")[:20]
+    prompt, stop = settings.sample_prompt, enc.eot_token
+    if chat:                                     # an answer, which ends at <|im_end|>
+        stop = enc.encode_single_token(bpe.IM_END)
+        if prompt is None:   # the first validation conversation, up to where its answer begins
+            row, mask = val_tokens.ids[0], val_tokens.mask[0]
+            ids = row[:int(mask.nonzero()[0])].tolist()
+            prompt = enc.decode(ids)
+        else:                # your question, asked in the chat template
+            ids, _ = bpe.render_chat([{"role": "user", "content": prompt}], enc, reply=True)
+    else:
+        if prompt is None:                                   # 200 tokens hold a line or more
+            text = enc.decode([t for t in val_tokens[:200].tolist() if t != enc.eot_token])
+            prompt = next((line.strip() for line in text.splitlines() if line.strip()), "")[:20]
+        ids = enc.encode_ordinary(prompt) or [enc.eot_token]
     device = next(model.parameters()).device
-    ids = enc.encode_ordinary(prompt)[-model.config.block_size:] or [enc.eot_token]
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     # temperature 0.8 among the 200 likeliest tokens: a little tamer than the model's raw
     # distribution, so that a sample shows what it has learned more than its noise
     model.eval()
-    new_ids = model.stream(torch.tensor([ids], device=device), settings.sample_tokens,
-                           temperature=0.8, top_k=200, generator=generator)
-    text = "".join(bpe.decode_stream(enc, (t for t in map(int, new_ids) if t != enc.eot_token)))
+    new_ids = model.stream(torch.tensor([ids[-model.config.block_size:]], device=device),
+                           settings.sample_tokens, temperature=0.8, top_k=200, generator=generator)
+    new_ids = itertools.takewhile(lambda t: t != stop, map(int, new_ids))
+    text = "".join(bpe.decode_stream(enc, new_ids))
     model.train()
-    print(f"sample {it}: {prompt}{text}", flush=True)
+    print(f"sample {it}: {prompt}{' → ' if chat else ''}{text}", flush=True)
     append_log(out, {"type": "sample", "iter": it, "prompt": prompt, "text": text})
 
 
@@ -977,7 +1016,10 @@ def parse_flags(argv):
     for field in dataclasses.fields(Settings):
         flag = dict(field.metadata)
         names = [f"--{field.name}", *flag.pop("aliases", [])]
-        flag["help"] += f" (default: {field.default})"
+        default = field.default
+        if field.name in PRESET_DEFAULTS["gpt-micro"]:           # None: the model size's
+            default = f"per --model_type; gpt-micro's is {PRESET_DEFAULTS['gpt-micro'][field.name]}"
+        flag["help"] += f" (default: {default})"
         if field.type is bool:
             p.add_argument(*names, action="store_true", **flag)
         else:
