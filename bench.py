@@ -30,7 +30,8 @@ def machine():
     sees it, and whether it multiplies bfloat16 natively (a 256 × 256 matmul timed in both dtypes,
     the test train.py's Muon makes)."""
     import train
-    ratio = train.matmul_seconds(torch.bfloat16) / train.matmul_seconds(torch.float32)
+    seconds = train.matmul_seconds()
+    ratio = seconds[torch.bfloat16] / seconds[torch.float32]
     native = "native" if ratio < 1 else "emulated"
     return (f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
             f"bfloat16 {native} (matmul {ratio:.2f}× float32's time), {os.cpu_count()} cores, "

@@ -1622,7 +1622,7 @@ def test_float32_newton_schulz_is_svds_u_times_v_transposed_within_its_spread():
 def test_muon_iterates_in_bfloat16_only_where_the_cpu_multiplies_it_faster(monkeypatch, bfloat16_faster, expected):
     # Fake the hardware: the timing says bfloat16 is native (faster) or emulated (slower).
     times = {torch.bfloat16: 1.0, torch.float32: 2.0} if bfloat16_faster else {torch.bfloat16: 30.0, torch.float32: 2.0}
-    monkeypatch.setattr(train, "matmul_seconds", lambda dtype: times[dtype])
+    monkeypatch.setattr(train, "matmul_seconds", lambda: times)
     train.newton_schulz_dtype.cache_clear()
     try:
         assert train.newton_schulz_dtype("cpu") == expected and train.newton_schulz_dtype("cuda") == torch.bfloat16

@@ -253,15 +253,17 @@ def orthogonalise(G, steps=5, dtype=torch.bfloat16):
 # emulates it, 15–18× slower than float32, and Muon's step would cost more than the model's. So we
 # ask the hardware, once per process: a small matmul timed in each dtype.
 
-def matmul_seconds(dtype, n=256, repeat=5):
-    """The fastest of `repeat` (n × n) @ (n × n) products in `dtype` on the CPU, in seconds."""
-    x = torch.randn(n, n, generator=torch.Generator().manual_seed(0)).to(dtype)  # not the global
-    x @ x                                        # RNG: a resumed run must draw what the first did
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        x @ x
-        best = min(best, time.perf_counter() - start)
+def matmul_seconds(n=256, repeat=10):
+    """{dtype: seconds} of an (n × n) @ (n × n) product on the CPU in bfloat16 and in float32: the
+    fastest of `repeat` tries each, taken in turn, so that a busy moment slows both alike."""
+    x = torch.randn(n, n, generator=torch.Generator().manual_seed(0))   # not the global RNG: a
+    best = {torch.bfloat16: float("inf"), torch.float32: float("inf")}  # resumed run must draw
+    for _ in range(repeat):                                             # what the first one did
+        for dtype in best:
+            a = x.to(dtype)
+            start = time.perf_counter()
+            a @ a
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
     return best
 
 
@@ -270,8 +272,10 @@ def newton_schulz_dtype(device_type):
     """bfloat16 on CUDA and on a CPU where it is the faster of the two; float32 elsewhere."""
     if device_type == "cuda":
         return torch.bfloat16
-    if device_type == "cpu" and matmul_seconds(torch.bfloat16) < matmul_seconds(torch.float32):
-        return torch.bfloat16
+    if device_type == "cpu":
+        seconds = matmul_seconds()
+        if seconds[torch.bfloat16] < seconds[torch.float32]:
+            return torch.bfloat16
     return torch.float32
 
 
