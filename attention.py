@@ -205,9 +205,8 @@ def attend(q, k, v, dropout_p=0.0, flash=True):
     written-out function: the same numbers, to float rounding.
     """
     Tq, Tk, group = q.size(2), k.size(2), q.size(1) // k.size(1)
-    # torch's fused CPU kernel is slow in bfloat16 (torch 2.13; gpt-micro, block 64, forward +
-    # backward: 35 ms/iter fused, 26 ms written out), so a CPU in bfloat16 takes ours. At
-    # generation time (one query row) the two cost about the same, so the rule stays simple.
+    # (torch 2.13's fused CPU kernel is slower than ours in bfloat16 — 35 against 26 ms for a
+    # gpt-micro forward + backward at block 64 — so a CPU in bfloat16 takes ours.)
     if flash and not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
         # Same math as our function, fused into one kernel that never materialises the
         # (Tq, Tk) score matrix (FlashAttention on CUDA). Its is_causal flag assumes Tq == Tk;

@@ -244,12 +244,9 @@ class GPT(nn.Module):
         <|im_end|>, which the answer must still be free to write.
         """
         block_size = self.config.block_size
-        # Every new token is scored against the whole (vocab, C) output matrix, the biggest read
-        # of a decoding step (37 % of gpt-mini's weights at vocab 8192, 78 % at 50257). For one
-        # row x, F.linear takes vocab short dot products; x @ Wᵀ laid out as (C, vocab) instead
-        # adds up C long rows, each scaled by one x_c, reading the matrix once in order. On the
-        # CPU of bench.py's tables that is ~3× faster, and the transposed copy, made once per
-        # call, pays for itself within about 10 tokens.
+        # Scoring a token reads the whole (vocab, C) output matrix, a decoding step's biggest read.
+        # Laid out as (C, vocab), one row x is C long rows added up, read once in order: ~3×
+        # faster on a CPU (bench.py model) than F.linear's vocab short dot products.
         head = self.lm_head.weight.t().contiguous()              # (C, vocab)
         prompt_length = idx.size(1)
         cache = None

@@ -149,37 +149,25 @@ class Settings:
 
 # What each size trains with. nano/micro/mini are sized for a CPU (minutes to an hour); gpt-small
 # and the GPT-2 sizes want a GPU (for GPT-2's ~0.5M tokens a step, add --grad_accum 40 as nanoGPT
-# does). The small sizes take the llama block with Muon at the learning rates, warm-up and batch
-# that won bench.py's equal-time comparison on gpt-micro (README, "Measured results": the rows
-# marked "default", run without these flags); nano and mini take gpt-micro's rates untested.
+# does). The small sizes take the llama block with Muon, at the learning rate and warm-up that won
+# bench.py's equal-time comparison on gpt-micro with its batch of 16 (README, "Measured results":
+# the rows run with no flags); nano and mini take gpt-micro's rates untested, gpt-small a GPU's.
 # The gpt2* sizes keep GPT-2's block and AdamW, comparable with GPT-2 and nanoGPT.
 # β2 = 0.99 averages the squared gradients over ~100 steps, steadier for the small, noisy batches
 # of a CPU run; big batches take nanoGPT's 0.95.
+SMALL = dict(block="llama", optimizer="muon", beta2=0.99, lr=2e-3, warmup_iters=50)
+GPT2 = dict(block="gpt2", optimizer="adamw", beta2=0.95, warmup_iters=2000, max_iters=600000,
+            block_size=1024)
 PRESET_DEFAULTS = {
-    "gpt-nano":    dict(block_size=64,   batch_size=32, lr=2e-3,
-                        max_iters=2000,   warmup_iters=50,   beta2=0.99,
-                        block="llama", optimizer="muon"),
-    "gpt-micro":   dict(block_size=128,  batch_size=16, lr=2e-3,
-                        max_iters=5000,   warmup_iters=50,   beta2=0.99,
-                        block="llama", optimizer="muon"),
-    "gpt-mini":    dict(block_size=256,  batch_size=16, lr=2e-3,
-                        max_iters=5000,   warmup_iters=50,   beta2=0.99,
-                        block="llama", optimizer="muon"),
-    "gpt-small":   dict(block_size=512,  batch_size=16, lr=6e-4,
-                        max_iters=20000,  warmup_iters=500,  beta2=0.99,
-                        block="llama", optimizer="muon"),
-    "gpt2":        dict(block_size=1024, batch_size=12, lr=6e-4,
-                        max_iters=600000, warmup_iters=2000, beta2=0.95,
-                        block="gpt2", optimizer="adamw"),
-    "gpt2-medium": dict(block_size=1024, batch_size=12, lr=3e-4,
-                        max_iters=600000, warmup_iters=2000, beta2=0.95,
-                        block="gpt2", optimizer="adamw"),
-    "gpt2-large":  dict(block_size=1024, batch_size=8,  lr=2.5e-4,
-                        max_iters=600000, warmup_iters=2000, beta2=0.95,
-                        block="gpt2", optimizer="adamw"),
-    "gpt2-xl":     dict(block_size=1024, batch_size=4,  lr=2e-4,
-                        max_iters=600000, warmup_iters=2000, beta2=0.95,
-                        block="gpt2", optimizer="adamw"),
+    "gpt-nano":    dict(SMALL, block_size=64,  batch_size=32, max_iters=2000),
+    "gpt-micro":   dict(SMALL, block_size=128, batch_size=16, max_iters=5000),
+    "gpt-mini":    dict(SMALL, block_size=256, batch_size=16, max_iters=5000),
+    "gpt-small":   dict(SMALL, block_size=512, batch_size=16, max_iters=20000, lr=6e-4,
+                        warmup_iters=500),
+    "gpt2":        dict(GPT2, batch_size=12, lr=6e-4),
+    "gpt2-medium": dict(GPT2, batch_size=12, lr=3e-4),
+    "gpt2-large":  dict(GPT2, batch_size=8,  lr=2.5e-4),
+    "gpt2-xl":     dict(GPT2, batch_size=4,  lr=2e-4),
 }
 
 
