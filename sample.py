@@ -390,7 +390,6 @@ def main(argv=None):
         print(f"perplexity:    {result['perplexity']:.2f}")
         print(f"bits per byte: {result['bits_per_byte']:.4f}")
         return
-    torch.manual_seed(args.seed)
     generator = make_generator(args.seed, device)
     if args.chat:
         if not ckpt.get("chat"):
