@@ -560,6 +560,18 @@ def chat_rows(folder, split, block_size):
     return Rows(rows.ids[learnt], rows.mask[learnt]), cut
 
 
+def load_split(folder, split, block_size, verbose=False):
+    """What training reads of a split: its tokens (section 5) — or, for chat data, its Rows, with
+    a note when some conversations were longer than the context and had to be cut."""
+    if not load_meta(folder)["chat"]:
+        return load_tokens(folder, split)
+    rows, cut = chat_rows(folder, split, block_size)
+    if cut:
+        say(verbose, f"note: {cut:,} {split} conversations are longer than the context "
+                     f"({block_size} tokens) and were cut to it")
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. (optional) Where the text comes from, and the folders' names
 # ----------------------------------------------------------------------------------------------

@@ -303,15 +303,16 @@ def parse_args(argv=None):
     a("--no_stream", action="store_true", help="print each sample when it is complete")
     a("--no_cache", action="store_true",
       help="recompute the whole context for every token (slow; to compare)")
-    a("--interactive", action="store_true", help="a prompt loop (Ctrl-D or 'exit' to leave)")
-    a("--chat", action="store_true",
-      help="talk with a chat-tuned checkpoint (with --prompt: answer once and exit)")
     a("--system", default=None, help="with --chat: the system prompt, kept all conversation long")
     a("--repetition_penalty", type=bpe.number_flag(float, "≥ 1", lambda r: r >= 1), default=1.0,
       help="make every token the answer has already written less likely: its logit ÷ this if "
            "positive, × this if negative (1 = off; 1.1–1.3 stops a small model's loops)")
-    a("--score", metavar="FILE", default=None,
-      help="print the loss on FILE (nats/token, perplexity, bits per byte) and exit")
+    mode = p.add_mutually_exclusive_group().add_argument     # at most one of these three
+    mode("--interactive", action="store_true", help="a prompt loop (Ctrl-D or 'exit' to leave)")
+    mode("--chat", action="store_true",
+         help="talk with a chat-tuned checkpoint (with --prompt: answer once and exit)")
+    mode("--score", metavar="FILE", default=None,
+         help="print the loss on FILE (nats/token, perplexity, bits per byte) and exit")
     a("--tokenizer", default=None,
       help="accepted for compatibility with LLM Learning's generate command; "
            "must match the checkpoint")

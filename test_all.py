@@ -2640,6 +2640,10 @@ def test_a_model_whose_vocabulary_lacks_the_chat_tokens_is_tuned_with_two_new_ro
     after = load_ckpt(tmp_path / "chat" / "last.pt")
     assert after["model_config"]["vocab_size"] == 302
     assert after["tokenizer"]["special_tokens"] == {EOT: 299, bpe.IM_START: 300, bpe.IM_END: 301}
+    # resumed, it finds the data it wrote (with the old vocabulary's name), not a second folder
+    code, _, err = run("train.py", "--resume", "--out_dir", tmp_path / "chat", "--max_iters", "4")
+    assert code == 0 and "already prepared" in err, err
+    assert len(list((tmp_path / "d").glob("*/*/meta.json"))) == 1
 
 
 def test_a_chat_run_resumes_exactly(chat_base, reverse_task, tmp_path):
@@ -2692,6 +2696,8 @@ def test_chat_with_a_prompt_answers_once_and_a_model_never_tuned_is_refused(chat
     assert out.endswith("\n") and ">>>" not in out and "<|im_end|>" not in out
     code, out, err = run("sample.py", "--checkpoint", chat_base, "--chat", "--prompt", "你好")
     assert code == 1 and "never chat-tuned" in one_error_line(err) and "--init_from" in err
+    code, out, err = run("sample.py", "--checkpoint", chat_checkpoint, "--chat", "--interactive")
+    assert code == 2 and "not allowed with" in one_error_line(err)   # not one silently winning
 
 
 def test_the_repetition_penalty_lowers_the_logits_of_the_tokens_already_written():

@@ -13,7 +13,8 @@ What you will learn here, numbered as the section banners:
      resumed run goes on exactly as if it had never stopped;
   7. the run: set up (fresh, resumed, or started from another model's weights), then the loop
      itself — a visible `while` that evaluates, saves, steps and logs; no trainer class. Chat
-     tuning is this same run on conversations (data.py, section 6): a few lines below say so.
+     tuning is this same run on conversations: data.load_split hands it rows that each begin
+     one, with the questions masked out of the loss (data.py, section 6).
 Optional sections, for a second reading:
   8. (optional) progress you can watch: log.jsonl, loss.svg, a sample while it trains;
   9. (optional) the run folder: one run at a time (an OS lock), a log that rewinds on resume,
@@ -417,6 +418,9 @@ def estimate_loss(model, tokens_by_split, settings, device, autocast_ctx, seed):
 # A checkpoint is one dict that torch.load(path, weights_only=True) can read: tensors and plain
 # Python (dict, list, str, int, float) only, never a pickled class (bpe.read_checkpoint says why).
 
+PROGRESS_KEYS = ("iter_num", "best_val_loss", "history", "init_from", "data_tokenizer")
+
+
 def make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer, progress, chat):
     """Everything a run is, at this moment, as one dict:
 
@@ -435,9 +439,10 @@ def make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer, pro
     history        (iteration, loss) of every evaluation: loss.svg    --resume
     init_from      {"path", "iter_num"} of the checkpoint this run    a record for you
                    started from (--init_from), or None
+    data_tokenizer what prepare() was given (tokenizer_for)           --resume: the same data
     chat           whether it was trained on conversations            sample.py --chat
 
-    (iter_num, best_val_loss, history, init_from change as it goes: `progress`, as restore gives.)
+    (PROGRESS_KEYS are the run's own record: `progress`, which restore gives back.)
     """
     return {
         "model": model.state_dict(),
@@ -483,12 +488,43 @@ def restore(ckpt, optimizers, scaler, batches):
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    return {key: ckpt[key] for key in ("iter_num", "best_val_loss", "history", "init_from")}
+    return {key: ckpt[key] for key in PROGRESS_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------
 # 7. The run
 # ----------------------------------------------------------------------------------------------
+
+def tokenizer_for(settings, resume, start):
+    """What prepare() is given, so the data is tokenized as the model reads it: --tokenizer for a
+    new run (a saved BPE's file read now, so that it need not stay), the checkpoint's own for a run
+    begun from one (--init_from). A resumed run gives what its first start gave (the checkpoint's
+    data_tokenizer), and so finds the very data folder it wrote."""
+    if resume:
+        return bpe.tokenizer_from_entry(resume["data_tokenizer"])
+    if start:
+        return bpe.tokenizer_from_entry(start["tokenizer"])
+    return "bpe" if settings.tokenizer == "bpe" else bpe.load_tokenizer(settings.tokenizer)
+
+
+def build_model(settings, vocab_size, ckpt=None):
+    """A new GPT of the model size's shape, or a checkpoint's shape and weights (--resume,
+    --init_from); either way with a row for each of the data's `vocab_size` ids."""
+    if ckpt is None:
+        model = GPT(GPTConfig.from_preset(settings.model_type, vocab_size=vocab_size,
+                                          block_size=settings.block_size, dropout=settings.dropout,
+                                          bias=bool(settings.bias), block=settings.block,
+                                          n_kv_head=settings.n_kv_head))
+    else:
+        try:
+            model = GPT.from_checkpoint(ckpt, block_size=settings.block_size,
+                                        dropout=settings.dropout)
+        except ValueError as e:                  # weights that do not fit its own model_config
+            raise InputError(f"{ckpt['path']}: {e}") from None
+    if model.config.vocab_size < vocab_size:     # chat data brought the template's two tokens
+        model.grow_vocab(vocab_size)
+    return model
+
 
 def train(settings, resume=None, start=None):
     """A whole training run; returns {"iter_num", "best_val_loss", "history"}.
@@ -512,49 +548,32 @@ def train(settings, resume=None, start=None):
         torch.manual_seed(settings.seed)
         random.seed(settings.seed)
         # The data first: the model's vocabulary is the size of the tokenizer it was written with.
-        folder = prepare_data(settings, tokenizer_for(settings, resume, start), local_rank)
+        given = tokenizer_for(settings, resume, start)
+        folder = prepare_data(settings, given, local_rank)
         tokenizer, meta = data.load_tokenizer(folder), data.load_meta(folder)
         if resume is not None and bpe.tokenizer_from_entry(resume["tokenizer"]) != tokenizer:
-            raise InputError(f"{folder} now holds another tokenizer than {out}/last.pt: the text "
-                             f"changed since — resume with the text as it was, or start a new run")
-        if meta["chat"]:     # conversations: rows that each begin one (data.py, section 6)
-            tokens, cut = {}, 0
-            for split in ("train", "val"):
-                tokens[split], n = data.chat_rows(folder, split, settings.block_size)
-                cut += n
-            if master and cut:
-                print(f"note: {cut:,} conversations are longer than the context "
-                      f"({settings.block_size} tokens) and were cut to it")
-        else:
-            tokens = {split: data.load_tokens(folder, split) for split in ("train", "val")}
+            raise InputError(f"{folder} now holds another tokenizer than {resume['path']}: the "
+                             f"text changed since — resume with the text as it was, or start a "
+                             f"new run")
+        # text: the token files; chat data: rows that each begin a conversation (data.py, § 6)
+        tokens = {split: data.load_split(folder, split, settings.block_size, verbose=master)
+                  for split in ("train", "val")}
         batches = data.BatchIterator(tokens["train"], settings.block_size, settings.batch_size,
                                      seed=settings.seed, rank=rank, world_size=world, device=device)
-        if resume or start:                      # the checkpoint's shape and weights
-            try:
-                model = GPT.from_checkpoint(resume or start, block_size=settings.block_size,
-                                            dropout=settings.dropout)
-            except ValueError as e:
-                raise InputError(f"{out / 'last.pt' if resume else start['path']}: {e}") from None
-        else:
-            model = GPT(GPTConfig.from_preset(settings.model_type, vocab_size=meta["vocab_size"],
-                                              block_size=settings.block_size,
-                                              dropout=settings.dropout, bias=bool(settings.bias),
-                                              block=settings.block, n_kv_head=settings.n_kv_head))
-        if model.config.vocab_size < meta["vocab_size"]:   # chat data brought two new tokens
-            model.grow_vocab(meta["vocab_size"])
-        model.to(device)
+        model = build_model(settings, meta["vocab_size"], resume or start).to(device)
         optimizers = make_optimizers(model, settings)
         # The scaler is only active for float16; for other dtypes every call passes straight on.
         scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "float16"))
         progress = {"iter_num": 0, "best_val_loss": float("inf"),
                     "history": {"train": [], "val": []},
                     "init_from": start and {"path": str(start["path"]),
-                                            "iter_num": start["iter_num"]}}
+                                            "iter_num": start["iter_num"]},
+                    "data_tokenizer": bpe.tokenizer_entry(given)}
         if resume is not None:
             progress = restore(resume, optimizers, scaler, batches)
             if master:
                 rewind_log(out / "log.jsonl", progress["iter_num"])
-                print(f"resumed from {out / 'last.pt'} at iteration {progress['iter_num']}")
+                print(f"resumed from {resume['path']} at iteration {progress['iter_num']}")
         total_iters = settings.max_iters or max(1, round(settings.epochs * batches.steps_per_epoch
                                                          / settings.grad_accum))
         history = progress["history"]
@@ -649,17 +668,6 @@ def train(settings, resume=None, start=None):
                   f"python sample.py --checkpoint {out / 'best_model.pt'}")
         leave_distributed()
     return {key: progress[key] for key in ("iter_num", "best_val_loss", "history")}
-
-
-def tokenizer_for(settings, resume, start):
-    """The tokenizer to prepare the data with: --tokenizer for a new run, the checkpoint's own for
-    one that begins from a checkpoint. One exception: a resumed run that trained its own BPE asks
-    for "bpe" again, so that it finds the very data folder it wrote, BPE included (train()
-    then checks that this BPE is still the checkpoint's)."""
-    ckpt = start or resume
-    if ckpt is None or (ckpt is resume and settings.tokenizer == "bpe" and not resume["init_from"]):
-        return settings.tokenizer
-    return bpe.tokenizer_from_entry(ckpt["tokenizer"])
 
 
 def diverged(loss, progress, settings):
@@ -996,8 +1004,8 @@ RESUME_MAY_CHANGE = ("max_iters", "epochs", "eval_interval", "eval_iters", "log_
                      "sample_every", "sample_prompt", "sample_tokens", "device", "compile",
                      "num_proc")
 FROM_CHECKPOINT = ("model_type", "tokenizer", "vocab_size", "block", "n_kv_head", "bias")
-RESUME_KEYS = ("model", "model_config", "tokenizer", "optimizer", "scaler", "iter_num",
-               "best_val_loss", "train_args", "rng", "data_state", "history", "init_from")
+RESUME_KEYS = ("model", "model_config", "tokenizer", "optimizer", "scaler", "train_args", "rng",
+               "data_state", *PROGRESS_KEYS)
 
 
 def parse_flags(argv):
@@ -1069,7 +1077,7 @@ def main(argv=None):
             raise InputError(f"--resume, but there is no {path} — start without --resume, or give "
                              f"the --out_dir of the run to continue")
         ckpt = bpe.read_checkpoint(path, need=RESUME_KEYS)
-        train(resumed_settings(given, ckpt, path), resume=ckpt)
+        train(resumed_settings(given, ckpt, path), resume={**ckpt, "path": path})
     elif init_from:
         ckpt = bpe.read_checkpoint(init_from, need=("model", "model_config", "tokenizer",
                                                      "train_args", "iter_num"))
