@@ -25,16 +25,29 @@ import torch
 import torch.nn.functional as F
 
 
+def matmul_seconds(n=256, repeat=10):
+    """{dtype: seconds} of an (n × n) @ (n × n) product in bfloat16 and in float32: the fastest of
+    `repeat` tries each, taken in turn, so that a busy moment slows both alike."""
+    x = torch.randn(n, n)
+    best = {torch.bfloat16: float("inf"), torch.float32: float("inf")}
+    for _ in range(repeat):
+        for dtype in best:
+            a = x.to(dtype)
+            start = time.perf_counter()
+            a @ a
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best
+
+
 def machine():
     """One line naming what the numbers were measured on: the CPU's vector capability as torch
-    sees it, and whether it multiplies bfloat16 natively (a 256 × 256 matmul timed in both dtypes,
-    the test train.py's Muon makes)."""
-    import train
-    seconds = train.matmul_seconds()
+    sees it, whether it has AVX512-BF16 (what train.py's Muon asks), and a 256 × 256 matmul's time
+    in bfloat16 against float32 (native bfloat16 is faster; emulated, many times slower)."""
+    seconds = matmul_seconds()
     ratio = seconds[torch.bfloat16] / seconds[torch.float32]
-    native = "native" if ratio < 1 else "emulated"
+    bf16 = "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else "no AVX512-BF16"
     return (f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"bfloat16 {native} (matmul {ratio:.2f}× float32's time), {os.cpu_count()} cores, "
+            f"{bf16} (bfloat16 matmul {ratio:.2f}× float32's time), {os.cpu_count()} cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
@@ -707,7 +720,7 @@ def answer_loss(checkpoint, folder):
     total, count = 0.0, 0
     for i in range(0, len(rows.ids), 64):
         which = torch.arange(i, min(i + 64, len(rows.ids)))
-        x, y = data.gather_windows(rows, which, model.config.block_size, "cpu")
+        x, y = data.gather_batch(rows, which, "cpu")
         logits, _ = model(x, y)
         losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
         total, count = total + losses.item(), count + int((y >= 0).sum())

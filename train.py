@@ -39,13 +39,11 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import functools
 import itertools
 import json
 import math
 import os
 import pathlib
-import random
 import signal
 import sys
 import time
@@ -129,8 +127,8 @@ class Settings:
     beta2: float = setting(None, "AdamW's β2", type=FRACTION)
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: never)", type=NON_NEGATIVE)
     # where, and how fast
-    dtype: str = setting("auto", "autocast precision (auto: float32 on a CPU, bfloat16 or "
-                                 "float16 on a GPU)",
+    dtype: str = setting("auto", "autocast precision (auto: bfloat16, or float16 where it has "
+                                 "none, on a CUDA GPU; float32 elsewhere)",
                          choices=["auto", "float32", "bfloat16", "float16"])
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps",
                           type=bpe.device_flag)
@@ -187,7 +185,7 @@ def new_settings(**given):
 # ----------------------------------------------------------------------------------------------
 
 def pick_dtype(name, device):
-    """float32 on a CPU unless asked; on a GPU bfloat16 if supported, else float16.
+    """--dtype auto: on a CUDA GPU bfloat16 if supported, else float16; float32 elsewhere.
 
     bfloat16 keeps float32's 8 exponent bits (same range, fewer digits), so gradients never
     underflow. float16 has only 5 exponent bits: small gradients round to 0, which is why it
@@ -238,33 +236,15 @@ def orthogonalise(G, steps=5, dtype=torch.bfloat16):
 
 
 # Which dtype to iterate in: bfloat16 halves the work where the hardware multiplies bfloat16 —
-# NVIDIA GPUs, and CPUs with AVX512-BF16 or AMX. Elsewhere (most laptops: AVX2 only) torch
-# emulates it, 15–18× slower than float32, and Muon's step would cost more than the model's. So we
-# ask the hardware, once per process: a small matmul timed in each dtype.
+# NVIDIA GPUs, and CPUs with the AVX512-BF16 instructions (torch asks the CPU which it has).
+# Elsewhere (most laptops: AVX2 only) torch emulates bfloat16, 15–46× slower than float32, and
+# Muon's step would cost more than the model's. The answer is the machine's, so a resumed run,
+# and every process of a run, iterates in the same dtype.
 
-def matmul_seconds(n=256, repeat=10):
-    """{dtype: seconds} of an (n × n) @ (n × n) product on the CPU in bfloat16 and in float32: the
-    fastest of `repeat` tries each, taken in turn, so that a busy moment slows both alike."""
-    x = torch.randn(n, n, generator=torch.Generator().manual_seed(0))   # not the global RNG: a
-    best = {torch.bfloat16: float("inf"), torch.float32: float("inf")}  # resumed run must draw
-    for _ in range(repeat):                                             # what the first one did
-        for dtype in best:
-            a = x.to(dtype)
-            start = time.perf_counter()
-            a @ a
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best
-
-
-@functools.cache
 def newton_schulz_dtype(device_type):
-    """bfloat16 on CUDA and on a CPU where it is the faster of the two; float32 elsewhere."""
-    if device_type == "cuda":
+    """bfloat16 on CUDA and on a CPU with native bfloat16 matmuls; float32 elsewhere."""
+    if device_type == "cuda" or (device_type == "cpu" and torch.cpu._is_avx512_bf16_supported()):
         return torch.bfloat16
-    if device_type == "cpu":
-        seconds = matmul_seconds()
-        if seconds[torch.bfloat16] < seconds[torch.float32]:
-            return torch.bfloat16
     return torch.float32
 
 
@@ -290,7 +270,8 @@ class Muon(torch.optim.Optimizer):
                                        dtype=self.ns_dtype or newton_schulz_dtype(p.device.type))
                 p.mul_(1 - lr * group["weight_decay"])   # decoupled weight decay, as AdamW's
                 # U·Vᵀ of a (rows, cols) matrix has entries of size ~1/√max(rows, cols); a tall
-                # matrix gets √(rows/cols) more, so that every matrix moves alike per step.
+                # one gets √(rows/cols) more, so that every update's entries are ~1/√cols (1 over
+                # the square root of its fan-in), whatever the matrix's shape.
                 p.add_(update, alpha=-lr * max(1, p.size(0) / p.size(1)) ** 0.5)
 
 
@@ -389,8 +370,8 @@ def optimizer_step(model, optimizers, scaler, grad_clip):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def estimate_loss(model, tokens_by_split, settings, device, autocast_ctx, seed):
-    """Mean loss over eval_iters random batches of each split, in nats/token.
+def estimate_loss(model, splits, settings, device, autocast_ctx, seed):
+    """Mean loss over eval_iters batches of each split's windows, drawn at random, in nats/token.
 
     The batches come from a generator with a fixed seed, never from the global RNG: every
     evaluation then measures the same batches (so "best" means better, not luckier), and it
@@ -399,11 +380,11 @@ def estimate_loss(model, tokens_by_split, settings, device, autocast_ctx, seed):
     """
     model.eval()
     out = {}
-    for split, tokens in tokens_by_split.items():
+    for split, rows in splits.items():
         g = torch.Generator().manual_seed(seed)
         losses = torch.zeros(settings.eval_iters)
         for i in range(settings.eval_iters):
-            x, y = data.get_batch(tokens, settings.block_size, settings.batch_size, g, device)
+            x, y = data.get_batch(rows, settings.batch_size, g, device)
             with autocast_ctx:
                 _, loss = model(x, y)
             losses[i] = loss.item()
@@ -451,7 +432,7 @@ def make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer, pro
         "optimizer": [optimizer.state_dict() for optimizer in optimizers],
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "train_args": dataclasses.asdict(settings),
-        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+        "rng": {"torch": torch.get_rng_state(),
                 # the current GPU's. Only rank 0 saves, and every rank restores its state: all
                 # ranks were seeded alike and draw alike, so their generators were equal anyway.
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
@@ -482,9 +463,8 @@ def restore(ckpt, optimizers, scaler, batches):
     if ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     batches.load_state_dict(ckpt["data_state"])
-    # Last, every generator: the next batch, the next dropout mask, are then exactly those the
-    # uninterrupted run would have drawn.
-    random.setstate(ckpt["rng"]["python"])
+    # Last, the generators dropout draws from: its next masks are then exactly those the
+    # uninterrupted run would have drawn. (The batches need none: BatchIterator's order is seeded.)
     torch.set_rng_state(ckpt["rng"]["torch"])
     if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -546,20 +526,26 @@ def train(settings, resume=None, start=None):
         # The weights' initialisation and dropout draw from torch's global generator: seeding it
         # makes a run repeatable, and the checkpoint's "rng" carries it on across a resume.
         torch.manual_seed(settings.seed)
-        random.seed(settings.seed)
         # The data first: the model's vocabulary is the size of the tokenizer it was written with.
         given = tokenizer_for(settings, resume, start)
-        folder = prepare_data(settings, given, local_rank)
+        # Tokenize once per machine (§ 10): its first process prepares while the others wait at
+        # the barrier, then their own prepare() finds the folder done.
+        if local_rank != 0:
+            dist.barrier()
+        folder = data.prepare(settings.dataset, given, settings.data_dir, settings.max_mb,
+                              settings.num_proc, settings.vocab_size, verbose=local_rank == 0)
+        if local_rank == 0 and world > 1:
+            dist.barrier()
         tokenizer, meta = data.load_tokenizer(folder), data.load_meta(folder)
         if resume is not None and bpe.tokenizer_from_entry(resume["tokenizer"]) != tokenizer:
             raise InputError(f"{folder} now holds another tokenizer than {resume['path']}: the "
                              f"text changed since — resume with the text as it was, or start a "
                              f"new run")
-        # text: the token files; chat data: rows that each begin a conversation (data.py, § 6)
-        tokens = {split: data.load_split(folder, split, settings.block_size, verbose=master)
+        # windows of the token files as Rows; in chat data each row begins a conversation
+        splits = {split: data.load_split(folder, split, settings.block_size, verbose=master)
                   for split in ("train", "val")}
-        batches = data.BatchIterator(tokens["train"], settings.block_size, settings.batch_size,
-                                     seed=settings.seed, rank=rank, world_size=world, device=device)
+        batches = data.BatchIterator(splits["train"], settings.batch_size, seed=settings.seed,
+                                     rank=rank, world_size=world, device=device)
         model = build_model(settings, meta["vocab_size"], resume or start).to(device)
         optimizers = make_optimizers(model, settings)
         # The scaler is only active for float16; for other dtypes every call passes straight on.
@@ -574,7 +560,8 @@ def train(settings, resume=None, start=None):
             if master:
                 rewind_log(out / "log.jsonl", progress["iter_num"])
                 print(f"resumed from {resume['path']} at iteration {progress['iter_num']}")
-        total_iters = settings.max_iters or max(1, round(settings.epochs * batches.steps_per_epoch
+        total_iters = settings.max_iters or max(1, round(settings.epochs
+                                                         * batches.batches_per_epoch
                                                          / settings.grad_accum))
         history = progress["history"]
         # The model the loop calls: compiled and/or in DDP (§ 10). `model` stays the bare GPT:
@@ -586,21 +573,21 @@ def train(settings, resume=None, start=None):
             print(f"model {settings.model_type}: {model.num_params(False) / 1e6:.2f}M parameters, "
                   f"vocab {model.config.vocab_size}, context {model.config.block_size} | device "
                   f"{device}, {dtype} | {tokens_per_step:,} tokens/step, "
-                  f"{batches.steps_per_epoch // settings.grad_accum} steps/epoch, "
+                  f"{batches.batches_per_epoch // settings.grad_accum} steps/epoch, "
                   f"{total_iters} steps")
 
         # --- the loop ---------------------------------------------------------------------------
         # At each iteration first evaluate (every eval_interval steps), then stop or take a step.
         # Evaluating first means iteration 0 measures the model as it starts, and the last
         # evaluation sees the final weights.
-        stopping, clock = False, (time.time(), progress["iter_num"])
+        stopping, since, since_it = False, time.time(), progress["iter_num"]   # for tokens/s
         with StopFlag() as stop:                 # Ctrl-C / SIGTERM: finish the step, then save
             while True:
                 it = progress["iter_num"]
                 due = it % settings.eval_interval == 0 or it == total_iters
                 # (a resumed run starts where its last evaluation was made and saved: not again)
                 if due and not (history["val"] and history["val"][-1][0] == it):
-                    losses = estimate_loss(wrapped, tokens, settings, device, autocast_ctx,
+                    losses = estimate_loss(wrapped, splits, settings, device, autocast_ctx,
                                            seed=settings.seed + 1000 * rank)
                     losses = average_across_ranks(losses, world, device)
                     if not math.isfinite(losses["train"] + losses["val"]):
@@ -622,24 +609,26 @@ def train(settings, resume=None, start=None):
                         write_loss_svg(out / "loss.svg", history["train"], history["val"])
                         evaluation = len(history["val"]) - 1         # its number: 0, 1, 2, …
                         if settings.sample_every and evaluation % settings.sample_every == 0:
-                            sample_while_training(model, tokenizer, tokens["val"], settings, it,
+                            sample_while_training(model, tokenizer, splits["val"], settings, it,
                                                   out, meta["chat"])
-                    clock = (time.time(), it)    # tokens/s counts training time only
+                    since, since_it = time.time(), it    # tokens/s counts training time only
                 if it >= total_iters or stopping:
                     break
                 # one optimisation step
                 lr = learning_rate(it, settings, total_iters)
-                for optimizer in optimizers:                      # each reads its rate here:
-                    for group in optimizer.param_groups:          # AdamW's lr, Muon's in proportion
-                        group["lr"] = lr * (settings.muon_lr / settings.lr
-                                            if isinstance(optimizer, Muon) else 1)
+                for optimizer in optimizers:   # the schedule scales Muon's peak as it does AdamW's
+                    peak = settings.muon_lr if isinstance(optimizer, Muon) else settings.lr
+                    for group in optimizer.param_groups:
+                        group["lr"] = peak * lr / settings.lr
                 loss = forward_backward(wrapped, batches.next_batch, settings.grad_accum,
                                         autocast_ctx, scaler, ddp=world > 1)
                 norm, stepped = optimizer_step(wrapped, optimizers, scaler, settings.grad_clip)
-                loss = loss.item()               # waits for the GPU: once per step
-                stopping = stop.requested
-                if world > 1:                    # every rank must agree to stop (§ 10)
-                    stopping, loss = agree_across_ranks(stopping, loss, device)
+                # every process must stop at the same step, or the others would wait for it in
+                # the next all-reduce: one average over them settles both "stop?" (any signal
+                # makes it > 0) and "diverged?" (any NaN makes the mean NaN) (§ 10)
+                mean = average_across_ranks({"loss": loss.item(), "stop": stop.requested},
+                                            world, device)
+                loss, stopping = mean["loss"], mean["stop"] > 0
                 # A NaN loss means training diverged: stop at once. With float16 it can be a
                 # passing overflow, which the scaler handles by skipping the step; there the next
                 # evaluation gives the verdict.
@@ -647,9 +636,8 @@ def train(settings, resume=None, start=None):
                     raise diverged(loss, progress, settings)
                 progress["iter_num"] = it = it + 1
                 if it % settings.log_interval == 0:
-                    loss = average_across_ranks({"loss": loss}, world, device)["loss"]
-                    seconds_per_step = (time.time() - clock[0]) / max(1, it - clock[1])
-                    clock = (time.time(), it)
+                    seconds_per_step = (time.time() - since) / max(1, it - since_it)
+                    since, since_it = time.time(), it
                     if master:
                         log_step(out, it, total_iters, batches.epoch, loss, lr, norm, stepped,
                                  tokens_per_step / seconds_per_step, seconds_per_step, model,
@@ -771,10 +759,10 @@ def write_loss_svg(path, train_points, val_points, width=640, height=360, pad=48
         temp.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
-def sample_while_training(model, tokenizer, val_tokens, settings, it, out, chat):
-    """Print and log a short continuation of --sample_prompt (default: the validation text's
-    first line, 20 characters — text the model has not trained on, in the style it learns). On
-    chat data: the model's answer to the first validation question, asked in the chat template.
+def sample_while_training(model, tokenizer, val_rows, settings, it, out, chat):
+    """Print and log a short continuation of --sample_prompt (default: the first line of the
+    first validation window, up to 20 characters — text the model has not trained on, in the
+    style it learns). On chat data: the model's answer to the first validation question.
 
     It must not change the training by a single bit: the model goes back to train mode, and the
     sampling draws from a generator of its own (seeded alike each time, so the samples of
@@ -785,14 +773,14 @@ def sample_while_training(model, tokenizer, val_tokens, settings, it, out, chat)
     if chat:                                     # an answer, which ends at <|im_end|>
         stop = enc.encode_single_token(bpe.IM_END)
         if prompt is None:   # the first validation conversation, up to where its answer begins
-            row, mask = val_tokens.ids[0], val_tokens.mask[0]
+            row, mask = val_rows.ids[0], val_rows.mask[0]
             ids = row[:int(mask.nonzero()[0])].tolist()
             prompt = enc.decode(ids)
         else:                # your question, asked in the chat template
             ids, _ = bpe.render_chat([{"role": "user", "content": prompt}], enc, reply=True)
     else:
-        if prompt is None:                                   # 200 tokens hold a line or more
-            text = enc.decode([t for t in val_tokens[:200].tolist() if t != enc.eot_token])
+        if prompt is None:
+            text = enc.decode([t for t in val_rows.ids[0].tolist() if t != enc.eot_token])
             prompt = next((line.strip() for line in text.splitlines() if line.strip()), "")[:20]
         ids = enc.encode_ordinary(prompt) or [enc.eot_token]
     device = next(model.parameters()).device
@@ -933,22 +921,6 @@ def setup_distributed(device):
     return rank, local_rank, world, device
 
 
-def prepare_data(settings, tokenizer, local_rank):
-    """Tokenize once per machine: each machine's first process prepares, the others wait, then
-    find it done. (One machine's disk is not another's: a rank-0-only rule would leave a second
-    machine's processes without data, or all of them tokenizing at once.)"""
-    kwargs = dict(data_dir=settings.data_dir, max_mb=settings.max_mb, num_proc=settings.num_proc,
-                  vocab_size=settings.vocab_size)
-    # Prepared data is reused, so the waiting processes' own prepare() only finds it done.
-    if local_rank == 0:
-        folder = data.prepare(settings.dataset, tokenizer, verbose=True, **kwargs)
-    if dist.is_initialized():
-        dist.barrier()
-    if local_rank != 0:
-        folder = data.prepare(settings.dataset, tokenizer, verbose=False, **kwargs)
-    return folder
-
-
 def wrap_model(model, compiled, world, device):
     """The model the loop calls: torch.compile'd if asked, in DDP under torchrun."""
     # torch.compile traces the model into fused kernels (minutes of warm-up, then faster steps
@@ -967,16 +939,6 @@ def average_across_ranks(values, world, device):
     t = torch.tensor(list(values.values()), device=device)
     dist.all_reduce(t)                       # sums over the processes, in place, on every one
     return {name: v / world for name, v in zip(values, t.tolist())}
-
-
-def agree_across_ranks(stop_requested, loss, device):
-    """Every rank must leave the loop at the same step, or the others would wait forever in the
-    next all-reduce: agree on "stop?" and "diverged?" together (any rank's yes is everyone's).
-    A signal reaches the processes at different moments (or only one of them), and a NaN can
-    appear on one rank's data alone; a MAX all-reduce of two flags settles both at once."""
-    flags = torch.tensor([float(stop_requested), float(not math.isfinite(loss))], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), float("nan") if flags[1] else loss
 
 
 def leave_distributed():
