@@ -141,7 +141,9 @@ def capped(documents, max_mb, splits=("train", "val")):
             size = sum(len(m["content"].encode("utf-8")) for m in doc)
             if size <= left[split]:
                 yield split, doc
-            left[split] = left[split] - size if size <= left[split] else 0
+                left[split] -= size
+            else:
+                left[split] = 0                              # the split is full
             continue
         raw = doc.encode("utf-8")
         if len(raw) > left[split]:
@@ -225,8 +227,7 @@ def write_token_files(documents, enc, out, num_proc, verbose, chat=False):
     run that has the old file mapped into memory goes on reading it, untouched.
     """
     itemsize, documents = itemsize_for(enc), iter(documents)
-    names = [f"{split}{suffix}" for split in ("train", "val")
-             for suffix in (".bin", ".mask") if suffix == ".bin" or chat]
+    names = ["train.bin", "val.bin"] + (["train.mask", "val.mask"] if chat else [])
     counts = dict.fromkeys(["train_tokens", "val_tokens", "train_bytes", "val_bytes"], 0)
     started = time.time()
     with contextlib.ExitStack() as stack:                # closes and renames them all at the end

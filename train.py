@@ -560,9 +560,8 @@ def train(settings, resume=None, start=None):
             if master:
                 rewind_log(out / "log.jsonl", progress["iter_num"])
                 print(f"resumed from {resume['path']} at iteration {progress['iter_num']}")
-        total_iters = settings.max_iters or max(1, round(settings.epochs
-                                                         * batches.batches_per_epoch
-                                                         / settings.grad_accum))
+        steps_per_epoch = batches.batches_per_epoch / settings.grad_accum   # optimizer steps
+        total_iters = settings.max_iters or max(1, round(settings.epochs * steps_per_epoch))
         history = progress["history"]
         # The model the loop calls: compiled and/or in DDP (§ 10). `model` stays the bare GPT:
         # what we save and sample from.
@@ -573,7 +572,7 @@ def train(settings, resume=None, start=None):
             print(f"model {settings.model_type}: {model.num_params(False) / 1e6:.2f}M parameters, "
                   f"vocab {model.config.vocab_size}, context {model.config.block_size} | device "
                   f"{device}, {dtype} | {tokens_per_step:,} tokens/step, "
-                  f"{batches.batches_per_epoch // settings.grad_accum} steps/epoch, "
+                  f"{int(steps_per_epoch)} steps/epoch, "
                   f"{total_iters} steps")
 
         # --- the loop ---------------------------------------------------------------------------
