@@ -205,16 +205,14 @@ def attend(q, k, v, dropout_p=0.0, flash=True):
     written-out function: the same numbers, to float rounding.
     """
     Tq, Tk, group = q.size(2), k.size(2), q.size(1) // k.size(1)
-    # (torch 2.13's fused CPU kernel is slower than ours in bfloat16 — 35 against 26 ms for a
-    # gpt-micro forward + backward at block 64 — so a CPU in bfloat16 takes ours.)
-    if flash and not (q.device.type == "cpu" and q.dtype == torch.bfloat16):
+    if flash:
         # Same math as our function, fused into one kernel that never materialises the
         # (Tq, Tk) score matrix (FlashAttention on CUDA). Its is_causal flag assumes Tq == Tk;
         # for a cached block (Tq < Tk) we pass our offset mask instead, and for the single
         # newest query (Tq == 1), which may see every key, no mask at all.
         mask = causal_mask(Tq, Tk, device=q.device) if 1 < Tq < Tk else None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                              is_causal=(Tq == Tk and Tk > 1), enable_gqa=group > 1)
+                                              is_causal=Tq == Tk, enable_gqa=group > 1)
     if group > 1:                                                # each key/value head, once per
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # query head
     return scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout_p)
@@ -326,9 +324,9 @@ class RMSNorm(nn.Module):
 # product exactly as turning k alone by (n − m)θ would (a rotation keeps lengths and angles:
 # R(a)ᵀR(b) = R(b − a)), so every score q_m·k_n depends on the tokens and on the distance n − m,
 # never on where in the text the two sit. θ_i = base^(−2i/D) with base 10000 runs from 1 radian
-# per position (pair 0: tells neighbours apart) down to nearly 1/10000 (the last: changes over
-# thousands of positions). Only q and k turn, not v: position should decide where to look, not
-# what is carried.
+# per position (pair 0: tells neighbours apart) down to 10000^(−(D−2)/D) (the last pair: about
+# 1/5600 for gpt-micro's D = 32, changing over thousands of positions). Only q and k turn, not
+# v: position should decide where to look, not what is carried.
 
 def rope_tables(head_dim, max_len, base=10000.0):
     """cos(m·θ_i) and sin(m·θ_i) for every position m < max_len: two (max_len, D/2) tables."""

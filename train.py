@@ -263,7 +263,10 @@ class Muon(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                m = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum_buffer" not in state:               # the first step: no history
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                m = state["momentum_buffer"]
                 m.lerp_(p.grad, 1 - mu)                  # m ← μ·m + (1 − μ)·g: recent gradients
                 # Nesterov: (1 − μ)·g + μ·m, a step ahead
                 update = orthogonalise(p.grad.lerp(m, mu),
@@ -290,10 +293,9 @@ def make_optimizers(model, settings):
     rest = [p for name, p in named if not hidden(name, p)]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": settings.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    # fused=True: one kernel updates every tensor instead of a loop of small ops per tensor (CUDA,
-    # and the CPU since torch 2.4). Apple's MPS has none: there the plain loop.
-    fused = torch.device(next(model.parameters()).device).type in ("cuda", "cpu")
-    adamw = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2), fused=fused)
+    # fused=True: one kernel updates every tensor instead of a loop of small ops per tensor (on
+    # CUDA, Apple's MPS and the CPU alike, in the torch versions requirements.txt asks for).
+    adamw = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, settings.beta2), fused=True)
     if settings.optimizer != "muon":
         return [adamw]
     matrices = [p for name, p in named if hidden(name, p)]
@@ -536,7 +538,7 @@ def train(settings, resume=None, start=None):
                               settings.num_proc, settings.vocab_size, verbose=local_rank == 0)
         if local_rank == 0 and world > 1:
             dist.barrier()
-        tokenizer, meta = data.load_tokenizer(folder), data.load_meta(folder)
+        tokenizer, meta = data.folder_tokenizer(folder), data.load_meta(folder)
         if resume is not None and bpe.tokenizer_from_entry(resume["tokenizer"]) != tokenizer:
             raise InputError(f"{folder} now holds another tokenizer than {resume['path']}: the "
                              f"text changed since — resume with the text as it was, or start a "
@@ -622,9 +624,11 @@ def train(settings, resume=None, start=None):
                 loss = forward_backward(wrapped, batches.next_batch, settings.grad_accum,
                                         autocast_ctx, scaler, ddp=world > 1)
                 norm, stepped = optimizer_step(wrapped, optimizers, scaler, settings.grad_clip)
-                # every process must stop at the same step, or the others would wait for it in
-                # the next all-reduce: one average over them settles both "stop?" (any signal
-                # makes it > 0) and "diverged?" (any NaN makes the mean NaN) (§ 10)
+                # loss.item() waits for the step to finish: on a GPU, one pause a step before the
+                # next is queued (nanoGPT waits only every log_interval steps), for an answer at
+                # once to "diverged?" and "stop?". Every process must stop at the same step, or
+                # the others would wait for it in the next all-reduce: one average settles both
+                # (any signal makes "stop" > 0, any NaN makes the mean NaN) (§ 10).
                 mean = average_across_ranks({"loss": loss.item(), "stop": stop.requested},
                                             world, device)
                 loss, stopping = mean["loss"], mean["stop"] > 0
