@@ -287,10 +287,10 @@ class BPETokenizer:
         """Learn a vocabulary of exactly `vocab_size` ids from `text` (fewer only if the text runs
         out of pairs).
 
-        Ids 0..255 are the byte values, then one id per merge, then the special tokens — by
-        default <|endoftext|>, <|im_start|> and <|im_end|> (section 6: the chat template), which
-        therefore get the last three ids. `progress`, if given, is called after each merge as
-        progress(step, total, token_bytes, count).
+        Ids 0..255 are the byte values, then one id per new token a merge makes, then the special
+        tokens — by default <|endoftext|>, <|im_start|> and <|im_end|> (section 6: the chat
+        template), which therefore get the last three ids. `progress`, if given, is called after
+        each merge as progress(step, total, token_bytes, count).
         """
         specials = [ENDOFTEXT, IM_START, IM_END] if special_tokens is None else list(special_tokens)
         assert vocab_size >= 256 + len(specials), (

@@ -34,7 +34,8 @@ Next lesson: train.py, which calls prepare() and BatchIterator and runs the trai
     python data.py --dataset path/to/my_text.txt --tokenizer cl100k_base
     python data.py --dataset zh_idioms                      # chat: idiom questions → answers
 
-Only the standard library, requests and torch are used: no numpy, no `datasets` package.
+Besides bpe.py (tiktoken, regex), only the standard library, requests and torch: no numpy, no
+`datasets` package.
 """
 import array
 import contextlib
@@ -195,8 +196,9 @@ def train_bpe(source, vocab_size, max_mb, verbose):
 #
 # EOT tells the model that what follows has nothing to do with what came before, and gives it a
 # token to start a new document from. uint16 holds ids 0 … 65,535: enough for gpt2 (50,257) and
-# our BPEs, and half the bytes; cl100k_base has 100,277 ids and needs uint32. A flat array has no
-# structure to parse, so training can map it into memory: the OS reads only what a batch touches.
+# our BPEs of up to 65,536 ids, in half the bytes; cl100k_base has 100,277 ids and needs uint32.
+# A flat array has no structure to parse, so training can map it into memory: the OS reads only
+# what a batch touches.
 #
 # Documents are encoded BATCH_DOCS at a time by tiktoken's encode_ordinary_batch, which hands
 # them to `num_proc` threads and returns their ids in the order given. Threads, not processes:
@@ -222,7 +224,8 @@ def ids_to_bytes(ids, itemsize):
 def write_token_files(documents, enc, out, num_proc, verbose, chat=False):
     """Write out/train.bin and out/val.bin; return each split's token count and its text's size
     in UTF-8 bytes, as meta.json names them ("train_tokens", "train_bytes", ...). chat=True: the
-    documents are conversations, and train.mask / val.mask get a byte per token (section 6).
+    documents are conversations, train.mask / val.mask get a byte per token, and the counts
+    add each split's targets ("train_targets", ...; section 6).
 
     The files are written under temporary names and renamed only when complete
     (bpe.atomic_path): a run killed halfway leaves no file that looks finished, and a training
@@ -230,13 +233,14 @@ def write_token_files(documents, enc, out, num_proc, verbose, chat=False):
     """
     itemsize, documents = itemsize_for(enc), iter(documents)
     names = ["train.bin", "val.bin"] + (["train.mask", "val.mask"] if chat else [])
-    counts = dict.fromkeys(["train_tokens", "val_tokens", "train_bytes", "val_bytes"], 0)
+    counts = dict.fromkeys(["train_tokens", "val_tokens", "train_bytes", "val_bytes"]
+                           + (["train_targets", "val_targets"] if chat else []), 0)
     started = time.time()
-    with contextlib.ExitStack() as stack:                # closes and renames them all at the end
-        files = {name: open(stack.enter_context(bpe.atomic_path(out / name)), "wb")
-                 for name in names}
-        for f in files.values():
-            stack.callback(f.close)                      # (closed before they are renamed)
+    with contextlib.ExitStack() as stack:        # leaves what it entered last first: each file
+        files = {}                               # is closed, then renamed into place
+        for name in names:
+            temp = stack.enter_context(bpe.atomic_path(out / name))
+            files[name] = stack.enter_context(open(temp, "wb"))
         while batch := list(itertools.islice(documents, BATCH_DOCS)):
             if chat:
                 write_conversations(batch, enc, files, counts)
@@ -492,10 +496,11 @@ class BatchIterator:
 # ----------------------------------------------------------------------------------------------
 # Chat tuning is this same pipeline on conversations. A conversation is rendered with the chat
 # template (bpe.render_chat) into ids and a mask — 1 on the assistant's words and its closing
-# <|im_end|>, the tokens the model should learn to write — and, like a document, ends with EOT:
+# <|im_end|>, the tokens the model should learn to write — and, like a document, ends with EOT
+# (under each piece, the mask of every token in it):
 #
-#     train.bin    <|im_start|>user\n 问 … <|im_end|>\n <|im_start|>assistant\n 答 … <|im_end|>\n EOT
-#     train.mask   0            0     0 … 0        0   0            0          1 … 1        0   0
+#     .bin   <|im_start|> user\n 问 … <|im_end|> \n <|im_start|> assistant\n 答 … <|im_end|> \n EOT
+#     .mask  0            0      0    0          0  0            0           1    1          0  0
 #
 # meta.json then counts, besides all the ids, the targets the loss counts ("train_targets") and
 # the UTF-8 bytes of the assistant's text ("train_bytes"): bits per byte of the answers alone
@@ -519,7 +524,7 @@ def write_conversations(batch, enc, files, counts):
         files[f"{split}.bin"].write(ids_to_bytes(ids, itemsize))
         files[f"{split}.mask"].write(bytes(mask))
         counts[f"{split}_tokens"] += len(ids)
-        counts[f"{split}_targets"] = counts.get(f"{split}_targets", 0) + sum(mask)
+        counts[f"{split}_targets"] += sum(mask)
         counts[f"{split}_bytes"] += sum(len(m["content"].encode("utf-8"))
                                         for m in conversation if m["role"] == "assistant")
 
@@ -673,7 +678,8 @@ def check_file(path):
 
 # Each tokenizer gets its own folder under data/<dataset>/, named so a person sees which it is:
 # gpt2, cl100k_base, bpe8192 (ours, trained here), or <name>-<hash> for a BPE you bring: the
-# first 8 hex digits of the sha256 of its tokens, so two vocabularies with one name get two folders.
+# first 8 hex digits of the sha256 of what it saves (name, tokens, pattern, special tokens), so
+# two vocabularies with one name get two folders.
 # The folder names the tokenizer, so the fingerprint in meta.json (section 4) need not.
 
 def folder_name(name):
@@ -687,7 +693,7 @@ def tokenizer_folder(tokenizer, vocab_size):
         return f"bpe{vocab_size}"
     if isinstance(tokenizer, str):
         return tokenizer
-    # the hash covers its tokens, pattern and special tokens: everything its ids depend on
+    # the hash covers all that tokenizer.bpe holds: the ids can depend on nothing else
     digest = hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()
     return f"{folder_name(tokenizer.name)}-{digest[:8]}"
 
@@ -738,8 +744,10 @@ def fetch_once(url, part, timeout):
         code = response.status_code
         if code >= 500:                                  # the server's trouble, which passes
             raise Retry(f"the server answered {code}")
-        if code == 416:                                  # "no bytes after `have`": part is stale
-            part.unlink()
+        if code == 416:                                  # "there are no bytes after `have`"
+            if response.headers.get("Content-Range") == f"bytes */{have}":
+                return                   # the file is `have` bytes long: part is whole already
+            part.unlink()                # longer than the server's file: not a piece of it
             raise Retry("the partial file did not match the server's file")
         if code not in (200, 206):
             raise InputError(f"{url} answered HTTP {code} — download it yourself and give its "
@@ -923,11 +931,10 @@ def jsonl_documents(path):
     """A .jsonl file: one document per line, in its "text" (or "completion") field, or one
     conversation per line."""
     def texts():
-        # bytes, not text: json.loads decodes UTF-8 itself, and a bad line is then named
+        # bytes, not text: json.loads decodes UTF-8 itself (skipping a byte-order mark), and a
+        # bad line is then named
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
-                if number == 1:
-                    line = line.removeprefix(b"\xef\xbb\xbf")       # a UTF-8 byte-order mark
                 if not line.strip():
                     continue
                 try:

@@ -69,11 +69,6 @@ def load_checkpoint(path, device="cpu"):
 # 2. Generating
 # ----------------------------------------------------------------------------------------------
 
-def end_of_text(enc):
-    """Id of <|endoftext|>, or None for a vocabulary without one."""
-    return enc.encode_single_token(ENDOFTEXT) if ENDOFTEXT in enc.special_tokens_set else None
-
-
 def encode_prompt(enc, prompt, block_size):
     """Prompt text → the token ids the model starts from.
 
@@ -83,12 +78,8 @@ def encode_prompt(enc, prompt, block_size):
     block has only block_size position rows; the llama block was trained on no longer text) —
     and the end of the prompt is what the continuation depends on most.
     """
-    eot = end_of_text(enc)
     ids = enc.encode(prompt, allowed_special="all") if prompt else []
-    if not ids:
-        if eot is None:
-            raise InputError("this tokenizer has no <|endoftext|> token; give a --prompt")
-        ids = [eot]
+    ids = ids or [enc.eot_token]
     if len(ids) > block_size:
         print(f"note: the prompt is {len(ids)} tokens but the model's context is {block_size}; "
               f"only its last {block_size} tokens are used", file=sys.stderr)
@@ -136,21 +127,23 @@ def make_generator(seed, device):
 
 def chat_prompt(history, enc, block_size, room):
     """The ids that ask for the next answer: the system prompt and as many of the newest messages
-    as fit in block_size − room tokens (a single message too long for that keeps its end)."""
+    as fit in block_size − room tokens (a single question too long for that keeps its end)."""
     system = [m for m in history if m["role"] == "system"]
     turns = [m for m in history if m["role"] != "system"]
     while True:
         ids, _ = bpe.render_chat(system + turns, enc, reply=True)
         if len(ids) <= block_size - room:
             return ids
-        if len(turns) == 1:                              # one message too long: its end stays
-            head, _ = bpe.render_chat(system, enc)
-            keep = block_size - room - len(head)
-            if keep < 1:
-                raise InputError(f"the system prompt takes {len(head)} of the model's "
-                                 f"{block_size} tokens, leaving none for a question and a "
-                                 f"{room}-token answer — shorten --system")
-            return head + ids[len(head):][-keep:]
+        if len(turns) == 1:         # one question too long: the end of its words, in its frame
+            over = len(ids) - (block_size - room)                   # tokens too many
+            words = len(enc.encode_ordinary(turns[0]["content"]))
+            if over >= words:
+                raise InputError(f"the system prompt and the template take {len(ids) - words} of "
+                                 f"the model's {block_size} tokens, leaving none for a question "
+                                 f"and a {room}-token answer — shorten --system")
+            system_ids, _ = bpe.render_chat(system, enc)         # its words start after them
+            at = len(system_ids) + 1 + len(enc.encode_ordinary(turns[0]["role"] + "\n"))  # and
+            return ids[:at] + ids[at + over:]                       # after <|im_start|>user\n
         turns = turns[1:]
         while turns[0]["role"] == "assistant":           # a conversation starts with a question
             turns = turns[1:]
@@ -257,16 +250,11 @@ def sliding_window_nats(model, ids, stride=None):
 def score_text(model, enc, text, stride=None):
     """The model's loss on text: dict(nats_per_token, perplexity, bits_per_byte, tokens, bytes).
 
-    The text is preceded by <|endoftext|>, as a document is in training, so that even its first
-    token is predicted and every byte of the file is paid for.
+    The text is preceded by <|endoftext|>, as a document is in training whenever another one
+    came before it, so that even its first token is predicted and every byte is paid for.
     """
     model.eval()
-    tokens = enc.encode_ordinary(text)
-    eot = end_of_text(enc)
-    if eot is not None:
-        seq, n_bytes = [eot] + tokens, len(text.encode("utf-8"))
-    else:                                                        # the first token is free context
-        seq, n_bytes = tokens, len(enc.decode_bytes(tokens[1:]))
+    seq, n_bytes = [enc.eot_token] + enc.encode_ordinary(text), len(text.encode("utf-8"))
     n_scored = len(seq) - 1
     if n_scored < 1:
         raise InputError("the text is too short to score (it needs at least one token)")
@@ -325,7 +313,10 @@ def parse_args(argv=None):
     a("--model_type", default=None,
       help="accepted for compatibility with LLM Learning's generate command; "
            "must match the checkpoint")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.system is not None and not args.chat:
+        p.error("--system is the chat's system prompt: add --chat")
+    return args
 
 
 def check_flags_agree(ckpt, tokenizer=None, model_type=None):

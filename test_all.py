@@ -1081,6 +1081,12 @@ class FaultyHandler(http.server.BaseHTTPRequestHandler):
         start, wanted = 0, self.headers.get("Range")
         if wanted and server.mode != "ignore_range":
             start = int(wanted.split("=")[1].rstrip("-"))
+            if start >= len(body):                       # nothing from there on: 416
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
@@ -1147,6 +1153,16 @@ def test_download_resumed_without_a_content_length_completes(server, tmp_path):
     (tmp_path / "f.bin.part").write_bytes(PAYLOAD[:1000])           # an earlier try's bytes
     dest = data.download(server.url + "/f.bin", tmp_path / "f.bin", sha256=PAYLOAD_SHA)
     assert dest.read_bytes() == PAYLOAD and server.ranges == ["bytes=1000-"]
+
+
+@pytest.mark.parametrize("part,asked", [(PAYLOAD, ["bytes=307200-"]),             # whole already
+                                         (PAYLOAD + b"?", ["bytes=307201-", None])],  # too long
+                         ids=["whole", "too_long"])
+def test_download_keeps_a_whole_part_file_and_restarts_one_longer_than_the_file(server, tmp_path, part, asked):
+    server.files["/f.bin"] = PAYLOAD
+    (tmp_path / "f.bin.part").write_bytes(part)              # killed before the rename, or stale
+    dest = data.download(server.url + "/f.bin", tmp_path / "f.bin", sha256=PAYLOAD_SHA)
+    assert dest.read_bytes() == PAYLOAD and server.ranges == asked
 
 
 def test_download_succeeds_after_two_server_errors(server, tmp_path):
@@ -1844,7 +1860,8 @@ def test_a_failed_save_is_one_line_and_leaves_the_previous_checkpoint_whole(corp
     assert "could not save" in line and "No space left on device" in line and str(out) in line
     after = snapshot(out)
     assert after["last.pt"] == before["last.pt"] and after["best_model.pt"] == before["best_model.pt"]
-    assert not [name for name in after if name.endswith(".tmp") or name == train.LOCK_NAME]
+    assert not [name for name in after if name.endswith(".tmp")]
+    assert (out / train.LOCK_NAME).read_text() == ""                 # the lock was let go
 
 
 def test_an_out_dir_that_cannot_be_written_is_found_before_any_work(corpus, tmp_path):
@@ -1878,7 +1895,7 @@ def test_a_second_run_on_the_same_folder_is_kept_out_while_the_first_runs(corpus
         first.send_signal(signal.SIGTERM)
         rest, _ = first.communicate(timeout=120)
     assert first.returncode == 0, rest
-    assert not (out / train.LOCK_NAME).exists()
+    assert (out / train.LOCK_NAME).read_text() == ""       # kept, emptied: no process holds it
 
 
 def test_a_run_killed_outright_leaves_no_lock_in_the_way_of_resuming_it(corpus, tmp_path):
@@ -1889,7 +1906,6 @@ def test_a_run_killed_outright_leaves_no_lock_in_the_way_of_resuming_it(corpus, 
     assert (out / train.LOCK_NAME).exists()                   # the file stays, the OS lock went
     code, _, err = run("train.py", *argv[:-4], "--max_iters", "2", "--resume")
     assert code == 0, err
-    assert not (out / train.LOCK_NAME).exists()
 
 
 @pytest.mark.parametrize("flag,value", [("--lr", "-1"), ("--lr", "0"), ("--dropout", "1.5"), ("--beta2", "2.0"),
@@ -2710,13 +2726,18 @@ def chat_checkpoint(chat_base, reverse_task, tmp_path_factory):
     return out / "best_model.pt"
 
 
-def test_a_system_prompt_too_long_for_the_context_is_one_line_not_a_silent_loss():
+def test_a_system_prompt_too_long_for_the_context_is_one_line_and_a_long_question_keeps_its_frame():
     enc = bpe.get_tokenizer(bpe.with_chat_tokens("gpt2"))
     history = [{"role": "system", "content": "word " * 40}, {"role": "user", "content": "hi " * 40}]
     with pytest.raises(bpe.InputError, match="shorten --system"):
         sample.chat_prompt(history, enc, 32, 16)
     ids = sample.chat_prompt(history[1:], enc, 32, 16)              # no system prompt: the end stays
-    assert len(ids) == 16 and enc.decode(ids).endswith("<|im_start|>assistant\n")
+    assert len(ids) == 16 and enc.decode(ids).startswith("<|im_start|>user\n hi hi")
+    assert enc.decode(ids).endswith(" hi <|im_end|>\n<|im_start|>assistant\n")   # in its frame
+    history[0]["content"] = "word " * 2
+    ids = sample.chat_prompt(history, enc, 40, 16)                  # a short system prompt stays
+    assert len(ids) == 24 and enc.decode(ids).startswith("<|im_start|>system\nword word <|im_end|>\n"
+                                                         "<|im_start|>user\n hi")
 
 
 def test_chat_keeps_the_history_trims_the_oldest_and_keeps_the_system_prompt(chat_checkpoint, monkeypatch):
@@ -2748,6 +2769,8 @@ def test_chat_with_a_prompt_answers_once_and_a_model_never_tuned_is_refused(chat
     assert code == 1 and "never chat-tuned" in one_error_line(err) and "--init_from" in err
     code, out, err = run("sample.py", "--checkpoint", chat_checkpoint, "--chat", "--interactive")
     assert code == 2 and "not allowed with" in one_error_line(err)   # not one silently winning
+    code, out, err = run("sample.py", "--checkpoint", chat_checkpoint, "--system", "你是助手")
+    assert code == 2 and "add --chat" in one_error_line(err)          # not silently ignored
 
 
 def test_the_repetition_penalty_lowers_the_logits_of_the_tokens_already_written():

@@ -303,7 +303,8 @@ def make_optimizers(model, settings):
 
 
 def learning_rate(it, settings, total_iters):
-    """Linear warm-up from 0 to lr over warmup_iters, then cosine decay to min_lr.
+    """Linear warm-up to lr over warmup_iters (lr/warmup_iters at step 0: a step at 0 would do
+    nothing), then cosine decay to min_lr.
 
     Warm-up: Adam's moment estimates are noisy for the first steps, and large early updates can
     wreck the fresh model. Cosine: big steps while far from a minimum, small steps to settle into
@@ -417,7 +418,7 @@ def make_checkpoint(model, optimizers, scaler, batches, settings, tokenizer, pro
     iter_num       optimizer steps taken                              --resume; --init_from notes it
     best_val_loss  the lowest val loss so far, nats/token             --resume
     train_args     every setting of the run (Settings)                --resume, init_from, sample.py
-    rng            the state of every random generator a step draws   --resume
+    rng            torch's CPU and CUDA generators (dropout's)        --resume
     data_state     where the batch iterator stands (BatchIterator)    --resume
     history        (iteration, loss) of every evaluation: loss.svg    --resume
     init_from      {"path", "iter_num"} of the checkpoint this run    a record for you
@@ -489,6 +490,38 @@ def tokenizer_for(settings, resume, start):
     return "bpe" if settings.tokenizer == "bpe" else bpe.load_tokenizer(settings.tokenizer)
 
 
+def set_up_device(settings):
+    """This process's place in the run (§ 10), its device and its autocast dtype:
+    (rank, local_rank, world, device, dtype)."""
+    rank, local_rank, world, device = setup_distributed(bpe.pick_device(settings.device))
+    if device.startswith("cuda"):
+        # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8× faster, and
+        # precise enough for training.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return rank, local_rank, world, device, pick_dtype(settings.dtype, device)
+
+
+def load_data(settings, given, resume, local_rank, world):
+    """Tokenize the dataset with `given` (data.prepare; nothing to do if done before) and read it
+    back: (the folder's tokenizer, its meta.json, {"train": Rows, "val": Rows})."""
+    # Once per machine (§ 10): its first process prepares while the others wait at the barrier,
+    # then their own prepare() finds the folder done.
+    if local_rank != 0:
+        dist.barrier()
+    folder = data.prepare(settings.dataset, given, settings.data_dir, settings.max_mb,
+                          settings.num_proc, settings.vocab_size, verbose=local_rank == 0)
+    if local_rank == 0 and world > 1:
+        dist.barrier()
+    tokenizer, meta = data.folder_tokenizer(folder), data.load_meta(folder)
+    if resume is not None and bpe.tokenizer_from_entry(resume["tokenizer"]) != tokenizer:
+        raise InputError(f"{folder} now holds another tokenizer than {resume['path']}: the "
+                         f"text changed since — resume with the text as it was, or start a new run")
+    # windows of the token files as Rows; in chat data each row begins a conversation
+    splits = {split: data.load_split(folder, split, settings.block_size, verbose=local_rank == 0)
+              for split in ("train", "val")}
+    return tokenizer, meta, splits
+
+
 def build_model(settings, vocab_size, ckpt=None):
     """A new GPT of the model size's shape, or a checkpoint's shape and weights (--resume,
     --init_from); either way with a row for each of the data's `vocab_size` ids."""
@@ -517,35 +550,14 @@ def train(settings, resume=None, start=None):
     out = pathlib.Path(settings.out_dir)
     with claim_out_dir(out, resume is not None):  # the run folder is ours: checked, locked (§ 9)
         # --- set up: where, the data, the model, the optimizers --------------------------------
-        device = bpe.pick_device(settings.device)
-        rank, local_rank, world, device = setup_distributed(device)             # (§ 10)
+        rank, local_rank, world, device, dtype = set_up_device(settings)
         master = rank == 0                       # only the first process prints and saves
-        dtype = pick_dtype(settings.dtype, device)
-        if device.startswith("cuda"):
-            # TF32: float32 matmuls on tensor cores with a 10-bit mantissa, ~8× faster, and
-            # precise enough for training.
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         # The weights' initialisation and dropout draw from torch's global generator: seeding it
         # makes a run repeatable, and the checkpoint's "rng" carries it on across a resume.
         torch.manual_seed(settings.seed)
         # The data first: the model's vocabulary is the size of the tokenizer it was written with.
         given = tokenizer_for(settings, resume, start)
-        # Tokenize once per machine (§ 10): its first process prepares while the others wait at
-        # the barrier, then their own prepare() finds the folder done.
-        if local_rank != 0:
-            dist.barrier()
-        folder = data.prepare(settings.dataset, given, settings.data_dir, settings.max_mb,
-                              settings.num_proc, settings.vocab_size, verbose=local_rank == 0)
-        if local_rank == 0 and world > 1:
-            dist.barrier()
-        tokenizer, meta = data.folder_tokenizer(folder), data.load_meta(folder)
-        if resume is not None and bpe.tokenizer_from_entry(resume["tokenizer"]) != tokenizer:
-            raise InputError(f"{folder} now holds another tokenizer than {resume['path']}: the "
-                             f"text changed since — resume with the text as it was, or start a "
-                             f"new run")
-        # windows of the token files as Rows; in chat data each row begins a conversation
-        splits = {split: data.load_split(folder, split, settings.block_size, verbose=master)
-                  for split in ("train", "val")}
+        tokenizer, meta, splits = load_data(settings, given, resume, local_rank, world)
         batches = data.BatchIterator(splits["train"], settings.batch_size, seed=settings.seed,
                                      rank=rank, world_size=world, device=device)
         model = build_model(settings, meta["vocab_size"], resume or start).to(device)
@@ -574,8 +586,7 @@ def train(settings, resume=None, start=None):
             print(f"model {settings.model_type}: {model.num_params(False) / 1e6:.2f}M parameters, "
                   f"vocab {model.config.vocab_size}, context {model.config.block_size} | device "
                   f"{device}, {dtype} | {tokens_per_step:,} tokens/step, "
-                  f"{int(steps_per_epoch)} steps/epoch, "
-                  f"{total_iters} steps")
+                  f"{int(steps_per_epoch)} steps/epoch, {total_iters} steps")
 
         # --- the loop ---------------------------------------------------------------------------
         # At each iteration first evaluate (every eval_interval steps), then stop or take a step.
@@ -817,8 +828,8 @@ def claim_out_dir(folder, resume):
     """Make `folder` this run's for as long as it runs (only the first process does this).
 
     Create it and prove it writable; lock it against a second run; refuse to overwrite an earlier
-    run's files unless resuming. On the way out the lock goes — and the folder too, if this run
-    created it and failed before writing anything in it.
+    run's files unless resuming. On the way out the lock is released — and the folder removed, if
+    this run created it and failed before writing anything in it.
     """
     if int(os.environ.get("RANK", 0)) != 0:                  # DDP: other processes write nothing
         yield
@@ -845,8 +856,11 @@ def claim_out_dir(folder, resume):
                                  f"delete them) to start afresh")
             yield
         finally:
-            (folder / LOCK_NAME).unlink(missing_ok=True)
-            if created and not any(folder.iterdir()):
+            # The file stays, emptied: deleted, it could be locked by a run that opened it a
+            # moment before while the next run locks a new file of that name — two runs at once.
+            lock.truncate(0)
+            if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:   # nothing written
+                (folder / LOCK_NAME).unlink()
                 folder.rmdir()
 
 
