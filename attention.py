@@ -144,7 +144,7 @@ class MLP(nn.Module):
     """Linear C → 4C, GELU, Linear 4C → C, dropout. Applied to every position independently.
 
     Attention moves information *between* tokens; the MLP transforms it *within* a token.
-    The 4× hidden width is GPT-2's choice (Radford et al. 2019).
+    The 4× hidden width is the original Transformer's (Vaswani et al. 2017), kept by GPT-2.
     """
 
     def __init__(self, n_embd, dropout=0.0, bias=True):
@@ -291,7 +291,7 @@ class Block(nn.Module):
 # residual sub-layers) and change four parts, each a small idea:
 #   RMSNorm  normalise by the root mean square alone: no mean to subtract, no bias;
 #   RoPE     say where a token is by *rotating* its query and key, not by adding a learned vector
-#            to its input: q·k then depends only on how far apart the two tokens are;
+#            to its input: position then enters q·k only as how far apart the two tokens are;
 #   SwiGLU   a gated MLP: one half of the hidden layer decides how much of the other gets through;
 #   GQA      fewer key/value heads than query heads: a smaller KV cache, little loss in quality.
 # And no biases anywhere.

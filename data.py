@@ -132,8 +132,8 @@ def capped(documents, max_mb, splits=("train", "val")):
     if max_mb is None:
         yield from documents
         return
-    # Budgets in UTF-8 bytes, the unit --max_mb speaks of; validation gets the share it has in
-    # the whole source, so a capped run keeps the same proportions.
+    # Budgets in UTF-8 bytes, the unit --max_mb speaks of; validation gets a tenth of training's,
+    # whatever the source holds: plenty to measure the loss on.
     left = {"train": max_mb * 1e6, "val": max_mb * 1e6 * VAL_FRACTION if "val" in splits else 0}
     for split, doc in documents:
         if left[split] <= 0:
@@ -242,6 +242,9 @@ def write_token_files(documents, enc, out, num_proc, verbose, chat=False):
             temp = stack.enter_context(bpe.atomic_path(out / name))
             files[name] = stack.enter_context(open(temp, "wb"))
         while batch := list(itertools.islice(documents, BATCH_DOCS)):
+            if any(isinstance(doc, str) == chat for _, doc in batch):  # the first set the kind
+                raise InputError(f"{out.parent.name} mixes plain text and conversations — keep "
+                                 f"them in separate datasets")
             if chat:
                 write_conversations(batch, enc, files, counts)
             else:
@@ -371,14 +374,15 @@ def folder_tokenizer(folder):
     return bpe.BPETokenizer.load(pathlib.Path(folder) / "tokenizer.bpe") if name == "bpe" else name
 
 
-def load_tokens(folder, split):
+def load_tokens(folder, split, mask=False):
     """The token ids of `split` ("train" or "val") as a 1-D tensor *mapped* from the .bin file:
-    nothing is read until a window is indexed, so a 10 GB file costs no memory up front."""
+    nothing is read until a window is indexed, so a 10 GB file costs no memory up front.
+    mask=True: chat data's .mask file instead, a bool per token (section 6)."""
     meta = load_meta(folder)
-    dtype, n = getattr(torch, meta["dtype"]), meta[f"{split}_tokens"]
-    path = pathlib.Path(folder) / f"{split}.bin"
-    # A .bin file is nothing but ids, so its size is exactly n × bytes per id: a file cut short
-    # behind our back (a full disk, a copy that stopped) would otherwise train on a stub.
+    dtype, n = torch.bool if mask else getattr(torch, meta["dtype"]), meta[f"{split}_tokens"]
+    path = pathlib.Path(folder) / f"{split}.{'mask' if mask else 'bin'}"
+    # The file is nothing but ids (or flags), so its size is exactly n × bytes each: a file cut
+    # short behind our back (a full disk, a copy that stopped) would otherwise train on a stub.
     if not path.is_file() or path.stat().st_size != n * dtype.itemsize:
         raise InputError(f"{path} does not hold the {n:,} tokens its meta.json counts — delete "
                          f"{path.parent / 'meta.json'} and prepare again")
@@ -503,8 +507,9 @@ class BatchIterator:
 #     .mask  0            0      0    0          0  0            0           1    1          0  0
 #
 # meta.json then counts, besides all the ids, the targets the loss counts ("train_targets") and
-# the UTF-8 bytes of the assistant's text ("train_bytes"): bits per byte of the answers alone
-# (approximately, when some conversations are cut to the context: their bytes still count).
+# the UTF-8 bytes of the assistant's text ("train_bytes"): bits per byte of the answers alone —
+# approximately: the loss also counts each answer's <|im_end|>, which is no bytes of text, and a
+# conversation cut to the context still counts all its bytes.
 #
 # Batches differ in one way: a row must begin where a conversation begins, or the model would
 # learn to answer questions it cannot see. So chat_rows packs whole conversations into Rows of
@@ -532,10 +537,7 @@ def write_conversations(batch, enc, files, counts):
 def chat_rows(folder, split, block_size):
     """A chat split as (Rows, cut): whole conversations packed from each row's start into rows of
     block_size + 1 ids, the rest EOT with mask 0; cut: how many were longer than a row, and cut."""
-    ids = load_tokens(folder, split)
-    mask_file = pathlib.Path(folder) / f"{split}.mask"
-    mask = (torch.from_file(str(mask_file), shared=False, size=len(ids), dtype=torch.bool)
-            if len(ids) else torch.zeros(0, dtype=torch.bool))
+    ids, mask = load_tokens(folder, split), load_tokens(folder, split, mask=True)
     eot = bpe.get_tokenizer(folder_tokenizer(folder)).eot_token
     width, placed, row, used, cut, start = block_size + 1, [], 0, 0, 0, 0
     for end in (ids == eot).nonzero().flatten().tolist():    # each conversation ends with EOT

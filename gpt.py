@@ -2,7 +2,7 @@
 
 What you will learn here, numbered as the section banners:
   1. the model's few hyper-parameters (GPTConfig) and the standard sizes (PRESETS), from a
-     3-layer toy that trains in seconds on a laptop up to GPT-2 XL — with GPT-2's block or the
+     3-layer toy that trains in minutes on a laptop up to GPT-2 XL — with GPT-2's block or the
      modern (Llama-style) one;
   2. the GPT itself: token (+ position) embeddings → n_layer Blocks → a final norm → a
      language-model head that shares its matrix with the token embedding (weight tying); GPT-2's
@@ -203,9 +203,9 @@ class GPT(nn.Module):
             return logits.argmax(dim=-1, keepdim=True)
         # Subtract the largest logit first: the softmax is unchanged, the best token's logit
         # becomes 0 and the rest ≤ 0. Then even a tiny temperature gives 0 and −∞ (probability 1
-        # and 0: greedy, as it should be), never ∞ − ∞ = NaN. The division runs in the logits'
-        # dtype, so in float32 at least: float16 overflows above 65504 (a logit of −10 ÷ 1e-4);
-        # 1e-30 keeps the divisor a number float32 holds (its smallest normal one is ~1e-38).
+        # and 0: greedy, as it should be), never ∞ − ∞ = NaN. In float32 at least: float16 would
+        # round every probability below 6e-8 to 0, and top_p's running sums coarsely. 1e-30: a
+        # temperature float32 cannot hold (below ~1e-45) would round to 0, and 0 ÷ 0 is NaN.
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, 1e-30)
         if top_k is not None and top_k < logits.size(-1):
@@ -341,11 +341,11 @@ class GPT(nn.Module):
         """A GPT of a checkpoint's shape (its model_config) holding its weights. `changes` replace
         config fields: train.py's --init_from sets the dropout, and may shrink block_size (the
         first rows of the position table are kept). Weights that do not fit: a ValueError."""
-        config = GPTConfig(**{**ckpt["model_config"], **changes})
-        weights = dict(ckpt["model"])
-        if "wpe.weight" in weights:
-            weights["wpe.weight"] = weights["wpe.weight"][:config.block_size]
         try:
+            config = GPTConfig(**{**ckpt["model_config"], **changes})    # (TypeError: a field
+            weights = dict(ckpt["model"])                                  # GPTConfig lacks)
+            if "wpe.weight" in weights:
+                weights["wpe.weight"] = weights["wpe.weight"][:config.block_size]
             model = cls(config)
             model.load_state_dict(weights)
         except (AssertionError, TypeError, RuntimeError, KeyError) as e:

@@ -1654,6 +1654,14 @@ def test_muon_iterates_in_bfloat16_only_where_the_cpu_multiplies_it_natively(mon
     assert seen == [expected]
 
 
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12),
+                                       ("Tesla T4", 65e12), ("Some Future GPU", None)])
+def test_mfu_takes_the_peak_of_the_gpu_by_its_longest_matching_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert train.gpu_peak_flops("cuda:0") == peak and train.gpu_peak_flops("cpu") is None
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_weight_decay_shrinks_the_matrices_and_nothing_else(optimizer):
     model = tiny_gpt(seed=0, block="llama")
@@ -2128,6 +2136,9 @@ def test_init_from_may_shrink_the_context(pretrained, tmp_path):
     old = load_ckpt(pretrained)
     cropped = GPT.from_checkpoint(old, block_size=8)                       # the first 8 positions
     assert torch.equal(cropped.wpe.weight, old["model"]["wpe.weight"][:8])
+    old["model_config"]["n_experts"] = 4                               # a field GPTConfig lacks
+    with pytest.raises(ValueError, match="do not fit its model_config.*n_experts"):
+        GPT.from_checkpoint(old)
 
 
 @pytest.mark.parametrize("flag,value,says", [("--model_type", "gpt-micro", "--init_from takes --model_type"),
@@ -2578,6 +2589,21 @@ def test_a_malformed_chat_line_is_one_error_naming_its_line(tmp_path, line, says
     code, _, err = run("data.py", "--dataset", path, "--data_dir", tmp_path / "d", "--tokenizer", "gpt2")
     message = one_error_line(err)
     assert code == 1 and "line 3" in message and says in message
+
+
+@pytest.mark.parametrize("first", ["text", "chat"])
+def test_text_and_conversations_mixed_is_one_error_and_a_cut_mask_is_refused(tmp_path, first):
+    text = json.dumps({"text": "一篇文章。"}, ensure_ascii=False)
+    chat = json.dumps(FORMATS["messages"], ensure_ascii=False)
+    lines = [text, chat] if first == "text" else [chat, text]
+    path = write(tmp_path / "mixed.jsonl", "\n".join(lines * 3) + "\n")
+    code, _, err = run("data.py", "--dataset", path, "--data_dir", tmp_path / "d", "--tokenizer", "gpt2")
+    assert code == 1 and "mixes plain text and conversations" in one_error_line(err)
+    path = write(tmp_path / "chat.jsonl", (chat + "\n") * 3)
+    folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
+    (folder / "train.mask").write_bytes((folder / "train.mask").read_bytes()[:-1])
+    with pytest.raises(bpe.InputError, match=r"train\.mask does not hold the"):
+        data.load_split(folder, "train", 16)
 
 
 def chat_file(tmp_path, conversations, name="chat.jsonl"):

@@ -690,8 +690,9 @@ def diverged(loss, progress, settings):
 # MFU, model FLOPs utilisation: the FLOP/s the model's arithmetic needs at the measured tokens/s,
 # as a share of what the GPU could do. 30–50 % is good for a GPT of this size. The peaks: dense
 # bf16/fp16 tensor-core FLOP/s from the vendors' data sheets (no sparsity).
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                  "L4": 121e12, "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+                  "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12,
+                  "4090": 165e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
 
 
 def gpu_peak_flops(device):
@@ -699,7 +700,7 @@ def gpu_peak_flops(device):
     if not device.startswith("cuda"):
         return None
     name = torch.cuda.get_device_name(device)
-    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):    # "L40S" before "L4"
+    for key in sorted(GPU_PEAK_FLOPS, key=len, reverse=True):    # "L40S", "L40", then "L4"
         if key in name:
             return GPU_PEAK_FLOPS[key]
     return None
@@ -856,8 +857,9 @@ def claim_out_dir(folder, resume):
                                  f"delete them) to start afresh")
             yield
         finally:
-            # The file stays, emptied: deleted, it could be locked by a run that opened it a
-            # moment before while the next run locks a new file of that name — two runs at once.
+            # The file stays, emptied (unless the whole folder goes, below): deleted, it could be
+            # locked by a run that opened it a moment before while the next run locks a new file
+            # of that name — two runs at once.
             lock.truncate(0)
             if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:   # nothing written
                 (folder / LOCK_NAME).unlink()
