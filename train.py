@@ -627,11 +627,11 @@ def train(settings, resume=None, start=None):
                 if it >= total_iters or stopping:
                     break
                 # one optimisation step
-                lr = learning_rate(it, settings, total_iters)
-                for optimizer in optimizers:   # the schedule scales Muon's peak as it does AdamW's
-                    peak = settings.muon_lr if isinstance(optimizer, Muon) else settings.lr
+                lr = learning_rate(it, settings, total_iters)          # AdamW's, at this step
+                for optimizer in optimizers:   # Muon's follows the same curve from its own peak
+                    scale = settings.muon_lr / settings.lr if isinstance(optimizer, Muon) else 1
                     for group in optimizer.param_groups:
-                        group["lr"] = peak * lr / settings.lr
+                        group["lr"] = lr * scale
                 loss = forward_backward(wrapped, batches.next_batch, settings.grad_accum,
                                         autocast_ctx, scaler, ddp=world > 1)
                 norm, stepped = optimizer_step(wrapped, optimizers, scaler, settings.grad_clip)
