@@ -749,7 +749,7 @@ def fetch_once(url, part, timeout):
         if code == 416:                                  # "there are no bytes after `have`"
             if response.headers.get("Content-Range") == f"bytes */{have}":
                 return                   # the file is `have` bytes long: part is whole already
-            part.unlink()                # longer than the server's file: not a piece of it
+            part.unlink()                # else (longer than the file, say): start afresh
             raise Retry("the partial file did not match the server's file")
         if code not in (200, 206):
             raise InputError(f"{url} answered HTTP {code} — download it yourself and give its "
@@ -933,10 +933,11 @@ def jsonl_documents(path):
     """A .jsonl file: one document per line, in its "text" (or "completion") field, or one
     conversation per line."""
     def texts():
-        # bytes, not text: json.loads decodes UTF-8 itself (skipping a byte-order mark), and a
-        # bad line is then named
+        # bytes, not text: json.loads decodes UTF-8 itself, and a bad line is then named
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
+                if number == 1:
+                    line = line.removeprefix(b"\xef\xbb\xbf")       # a UTF-8 byte-order mark
                 if not line.strip():
                     continue
                 try:

@@ -138,12 +138,16 @@ def chat_prompt(history, enc, block_size, room):
             over = len(ids) - (block_size - room)                   # tokens too many
             words = len(enc.encode_ordinary(turns[0]["content"]))
             if over >= words:
-                raise InputError(f"the system prompt and the template take {len(ids) - words} of "
-                                 f"the model's {block_size} tokens, leaving none for a question "
-                                 f"and a {room}-token answer — shorten --system")
-            system_ids, _ = bpe.render_chat(system, enc)         # its words start after them
-            at = len(system_ids) + 1 + len(enc.encode_ordinary(turns[0]["role"] + "\n"))  # and
-            return ids[:at] + ids[at + over:]                       # after <|im_start|>user\n
+                what = ("the chat template and the system prompt take" if system else
+                        "the chat template takes")
+                fix = "shorten --system or lower" if system else "lower"
+                raise InputError(f"{what} {len(ids) - words} of the model's {block_size} tokens, "
+                                 f"leaving none for a question and a {room}-token answer — "
+                                 f"{fix} --max_new_tokens")
+            # its words begin after the system prompt and <|im_start|>user\n
+            system_ids, _ = bpe.render_chat(system, enc)
+            at = len(system_ids) + 1 + len(enc.encode_ordinary(turns[0]["role"] + "\n"))
+            return ids[:at] + ids[at + over:]
         turns = turns[1:]
         while turns[0]["role"] == "assistant":           # a conversation starts with a question
             turns = turns[1:]

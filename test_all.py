@@ -508,6 +508,9 @@ def test_top_p_samples_only_the_smallest_set_reaching_p():
     assert set(draw(logits, 4000, top_p=0.6).tolist()) == set(order[:3].tolist())   # 0.55 < 0.6
     assert set(draw(logits, 4000, top_p=0.5).tolist()) == set(order[:2].tolist())   # 0.30 < 0.5 ≤ 0.55
     assert set(draw(logits, 100, top_p=0.1).tolist()) == {int(order[0])}            # never empty
+    for p in (0, 1.5):                                      # not a probability: refused
+        with pytest.raises(ValueError, match="0 < top_p ≤ 1"):
+            draw(logits, 1, top_p=p)
 
 
 def test_top_k_and_top_p_combine_and_temperature_zero_is_greedy():
@@ -1322,7 +1325,7 @@ def test_one_and_two_workers_write_identical_files(tmp_path, monkeypatch):
 def test_jsonl_file_reads_text_or_completion_fields(tmp_path):
     docs = [f"文档 {i}\nbody {i}" for i in range(20)]
     lines = [json.dumps({"text" if i % 2 else "completion": d}, ensure_ascii=False) for i, d in enumerate(docs)]
-    path = write(tmp_path / "docs.jsonl", "\ufeff" + "\n".join(lines) + "\n")       # with a BOM
+    path = write(tmp_path / "docs.jsonl", "\ufeff\n" + "\n".join(lines) + "\n")     # a BOM, a blank line
     folder = data.prepare(path, "gpt2", data_dir=tmp_path / "d", num_proc=1, verbose=False)
     assert decoded(folder, "train") == "".join(d + EOT for i, d in enumerate(docs) if i % 10)
     assert decoded(folder, "val") == docs[0] + EOT + docs[10] + EOT
@@ -1573,13 +1576,22 @@ def train_fails(corpus, out_dir, *extra, code=1):
     return one_error_line(err)
 
 
-def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_lr_for_adamw_and_muon():
     settings = train.Settings(lr=1e-3, min_lr=1e-4, warmup_iters=10)
     lrs = [train.learning_rate(it, settings, 110) for it in range(120)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[60] == pytest.approx(1e-4 + 0.5 * 0.9e-3)
     assert lrs[110] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
+    # every optimizer gets it: AdamW as it is, Muon along the same curve from its own peak
+    settings = train.Settings(optimizer="muon", lr=1e-3, muon_lr=0.02, min_lr=1e-4, warmup_iters=10,
+                              weight_decay=0.1, beta2=0.99)
+    muon, adamw = train.make_optimizers(tiny_gpt(block="llama"), settings)
+    for it in (0, 60):
+        lr = train.set_learning_rate([muon, adamw], it, settings, 110)
+        assert lr == train.learning_rate(it, settings, 110)
+        assert {g["lr"] for g in adamw.param_groups} == {lr}
+        assert [g["lr"] for g in muon.param_groups] == [pytest.approx(lr * 20)]
 
 
 def test_gradient_accumulation_gives_the_same_gradients_as_one_big_batch():
@@ -2764,6 +2776,8 @@ def test_a_system_prompt_too_long_for_the_context_is_one_line_and_a_long_questio
     ids = sample.chat_prompt(history, enc, 40, 16)                  # a short system prompt stays
     assert len(ids) == 24 and enc.decode(ids).startswith("<|im_start|>system\nword word <|im_end|>\n"
                                                          "<|im_start|>user\n hi")
+    with pytest.raises(bpe.InputError, match=r"the chat template takes 9 .* — lower --max_new_tokens$"):
+        sample.chat_prompt(history[1:], enc, 16, 8)                # no room even for the frame
 
 
 def test_chat_keeps_the_history_trims_the_oldest_and_keeps_the_system_prompt(chat_checkpoint, monkeypatch):

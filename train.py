@@ -321,6 +321,17 @@ def learning_rate(it, settings, total_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (lr - min_lr)
 
 
+
+def set_learning_rate(optimizers, it, settings, total_iters):
+    """Put step `it`'s rate into every optimizer, and return AdamW's (the one the log shows).
+    Muon follows the same curve from its own peak: AdamW's rate × muon_lr / lr."""
+    lr = learning_rate(it, settings, total_iters)
+    for optimizer in optimizers:
+        scale = settings.muon_lr / settings.lr if isinstance(optimizer, Muon) else 1
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+    return lr
+
 # ----------------------------------------------------------------------------------------------
 # 4. One optimisation step
 # ----------------------------------------------------------------------------------------------
@@ -503,7 +514,8 @@ def set_up_device(settings):
 
 def load_data(settings, given, resume, local_rank, world):
     """Tokenize the dataset with `given` (data.prepare; nothing to do if done before) and read it
-    back: (the folder's tokenizer, its meta.json, {"train": Rows, "val": Rows})."""
+    back: (the folder's tokenizer, its meta.json, {"train": Rows, "val": Rows}). Each machine's
+    first process reports on its data."""
     # Once per machine (§ 10): its first process prepares while the others wait at the barrier,
     # then their own prepare() finds the folder done.
     if local_rank != 0:
@@ -551,7 +563,7 @@ def train(settings, resume=None, start=None):
     with claim_out_dir(out, resume is not None):  # the run folder is ours: checked, locked (§ 9)
         # --- set up: where, the data, the model, the optimizers --------------------------------
         rank, local_rank, world, device, dtype = set_up_device(settings)
-        master = rank == 0                       # only the first process prints and saves
+        master = rank == 0                       # only the first process logs and saves
         # The weights' initialisation and dropout draw from torch's global generator: seeding it
         # makes a run repeatable, and the checkpoint's "rng" carries it on across a resume.
         torch.manual_seed(settings.seed)
@@ -627,11 +639,7 @@ def train(settings, resume=None, start=None):
                 if it >= total_iters or stopping:
                     break
                 # one optimisation step
-                lr = learning_rate(it, settings, total_iters)          # AdamW's, at this step
-                for optimizer in optimizers:   # Muon's follows the same curve from its own peak
-                    scale = settings.muon_lr / settings.lr if isinstance(optimizer, Muon) else 1
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * scale
+                lr = set_learning_rate(optimizers, it, settings, total_iters)
                 loss = forward_backward(wrapped, batches.next_batch, settings.grad_accum,
                                         autocast_ctx, scaler, ddp=world > 1)
                 norm, stepped = optimizer_step(wrapped, optimizers, scaler, settings.grad_clip)
@@ -837,33 +845,34 @@ def claim_out_dir(folder, resume):
         return
     created = not folder.exists()
     bpe.make_writable_folder(folder, "--out_dir")
-    with open(folder / LOCK_NAME, "a+") as lock:
-        # flock: the OS holds the lock for this process and lets go when it ends, however it
-        # ends (even killed with SIGKILL), so a lock is never left behind by a dead run.
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # NB: fail now, do not wait
-        except BlockingIOError:
-            raise InputError(f"{folder} is in use by another training run — wait for it to end, "
-                             f"or use another --out_dir") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")                       # for a person: which process
-        lock.flush()
-        try:
-            earlier = [name for name in RUN_FILES if (folder / name).exists()]
-            if earlier and not resume:
-                raise InputError(f"{folder} already holds a run ({', '.join(earlier)}) — add "
-                                 f"--resume to continue it, or choose another --out_dir (or "
-                                 f"delete them) to start afresh")
-            yield
-        finally:
-            # The file stays, emptied (unless the whole folder goes, below): deleted, it could be
-            # locked by a run that opened it a moment before while the next run locks a new file
-            # of that name — two runs at once.
+    try:
+        with open(folder / LOCK_NAME, "a+") as lock:
+            # flock: the OS holds the lock for this process and lets go when it ends, however it
+            # ends (even killed with SIGKILL), so a lock is never left behind by a dead run.
+            try:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)   # NB: fail now, not wait
+            except BlockingIOError:
+                raise InputError(f"{folder} is in use by another training run — wait for it to "
+                                 f"end, or use another --out_dir") from None
             lock.truncate(0)
-            if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:   # nothing written
-                (folder / LOCK_NAME).unlink()
-                folder.rmdir()
+            lock.write(f"{os.getpid()}\n")                   # for a person: which process
+            lock.flush()
+            try:
+                earlier = [name for name in RUN_FILES if (folder / name).exists()]
+                if earlier and not resume:
+                    raise InputError(f"{folder} already holds a run ({', '.join(earlier)}) — add "
+                                     f"--resume to continue it, or choose another --out_dir (or "
+                                     f"delete them) to start afresh")
+                yield
+            finally:
+                # The file stays, emptied: deleted, it could be locked by a run that opened it a
+                # moment before while the next run locks a new file of that name — two at once.
+                lock.truncate(0)
+    finally:                  # (closed: unlocked) a folder this run made and wrote nothing in goes
+        if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            (folder / LOCK_NAME).unlink()
+            folder.rmdir()
 
 
 def rewind_log(path, iter_num):
