@@ -407,7 +407,8 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-    """x = x + attn(rms_1(x), rope);  x = x + mlp(rms_2(x)) — GPT-2's wiring, Llama's parts."""
+    """x = x + attn(ln_1(x), rope);  x = x + mlp(ln_2(x)) — GPT-2's wiring, Llama's parts (the
+    norms keep GPT-2's names, ln_1 and ln_2, though they are RMSNorms)."""
 
     def __init__(self, n_embd, n_head, n_kv_head=None, dropout=0.0):
         super().__init__()

@@ -661,7 +661,7 @@ def train_fast(piece_counts, num_merges, progress=None):
     at once; counts that shrink are fixed when their entry surfaces (pushed again with the true
     count). So every pair has an entry at least as high as its true priority, and the first
     popped entry that is still exact is the true most frequent pair.
-    `progress(step, num_merges, token_bytes, count)` is called after each merge if given.
+    `progress(tokens made, num_merges, token_bytes, count)` is called after each merge if given.
     """
     pieces = [list(piece) for piece in piece_counts]
     counts = list(piece_counts.values())
@@ -691,7 +691,7 @@ def train_fast(piece_counts, num_merges, progress=None):
             stats[pair] += count
             heapq.heappush(heap, (-stats[pair], pair[0], pair[1]))
         if progress is not None:
-            progress(len(merges), num_merges, vocab[new], -neg_count)
+            progress(len(vocab) - 256, num_merges, vocab[new], -neg_count)   # tokens made
     return merges, vocab
 
 

@@ -346,7 +346,9 @@ def prepare(dataset, tokenizer=DEFAULT_TOKENIZER, data_dir="data", max_mb=None, 
     # no text, fails here and leaves nothing behind. It also says whether this is chat data.
     documents = capped(source.documents(), max_mb)
     first = list(itertools.islice(documents, 1))
-    chat = bool(first) and not isinstance(first[0][1], str)
+    if not first:
+        raise InputError(f"no text found in {source.about} — check the input is not blank")
+    chat = not isinstance(first[0][1], str)
     # The tokenizer: ours is trained now, on this very text. Chat data needs the template's two
     # special tokens; a vocabulary without them gets them as two new ids (bpe.with_chat_tokens).
     if tokenizer == "bpe":

@@ -309,7 +309,7 @@ class GPT(nn.Module):
         pass, and twice that in the backward (gradients w.r.t. both its input and itself):
         6 FLOPs per parameter, so 6N. Attention's q·kᵀ and weights·v are matmuls with no
         parameters: per layer and token each costs 2·T·C forward, so 3 × 2 × 2·T·C = 12·T·C
-        with the backward. Total: 6N + 12·n_layer·C·T (Kaplan et al. 2020, appendix; PaLM's MFU).
+        with the backward. Total: 6N + 12·n_layer·C·T (Chowdhery et al. 2022, PaLM, appendix B).
         The same for the llama block: its query heads still add up to C, grouped or not.
         """
         T = self.config.block_size if T is None else T

@@ -1431,18 +1431,21 @@ def test_data_py_prepares_the_folder_train_py_then_uses(tmp_path):
     ("empty", "is empty"), ("missing", "no such file or folder"), ("gbk", "not UTF-8"),
     ("blank", "holds no text"), ("unknown", "unknown dataset 'klingon'"), ("data_dir_is_a_file", "cannot write to"),
     ("not_a_tokenizer", "not a tokenizer file"), ("validation_alone", "no train.txt"),
+    ("blank_records", "no text found in file"),
 ])
 def test_data_py_bad_input_is_one_line_exit_1_and_leaves_no_folders(tmp_path, case, says):
     write(tmp_path / "ok.txt", TEXT)
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "blank.txt").write_text("  \n \n")
     (tmp_path / "gbk.txt").write_bytes("中文文本\n".encode("gbk") * 10)
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n\n{"text": ""}\n')
     args = {"empty": ["--dataset", tmp_path / "empty.txt"], "missing": ["--dataset", tmp_path / "nope.txt"],
             "gbk": ["--dataset", tmp_path / "gbk.txt", "--tokenizer", "gpt2"],
             "blank": ["--dataset", tmp_path / "blank.txt"], "unknown": ["--dataset", "klingon"],
             "data_dir_is_a_file": ["--dataset", tmp_path / "ok.txt", "--data_dir", tmp_path / "ok.txt"],
             "not_a_tokenizer": ["--dataset", tmp_path / "ok.txt", "--tokenizer", tmp_path / "ok.txt"],
-            "validation_alone": ["--dataset", tmp_path / "notes"]}[case]
+            "validation_alone": ["--dataset", tmp_path / "notes"],
+            "blank_records": ["--dataset", tmp_path / "blank.jsonl"]}[case]
     write(tmp_path / "notes" / "notes.txt", TEXT)
     write(tmp_path / "notes" / "validation.txt", TEXT)
     if "--data_dir" not in args:
@@ -1943,11 +1946,12 @@ def test_a_flag_out_of_range_is_one_line_and_exit_2_before_any_work(corpus, tmp_
 
 @pytest.mark.parametrize("case,says", [("tokenizer_is_text", "not a tokenizer file"),
                                        ("dataset_all", "unknown dataset 'all'"),
-                                       ("resume_nothing", "--resume, but there is no")])
+                                       ("resume_nothing", "--resume, but there is no"),
+                                       ("kv_heads", "--n_kv_head 2 does not divide the 3 heads")])
 def test_bad_train_py_input_is_one_line_and_leaves_no_folder(corpus, tmp_path, case, says):
     path, _ = corpus
     extra = {"tokenizer_is_text": ["--tokenizer", str(path)], "dataset_all": ["--dataset", "all"],
-             "resume_nothing": ["--resume"]}[case]
+             "resume_nothing": ["--resume"], "kv_heads": ["--block", "llama", "--n_kv_head", "2"]}[case]
     line = train_fails((path, tmp_path / "data"), tmp_path / "run", "--max_iters", "2", *extra)
     assert says in line
     assert not (tmp_path / "run").exists()

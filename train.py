@@ -147,11 +147,12 @@ class Settings:
 
 
 # What each size trains with. nano/micro/mini are sized for a CPU (minutes to an hour); gpt-small
-# and the GPT-2 sizes want a GPU (for GPT-2's ~0.5M tokens a step, add --grad_accum 40 as nanoGPT
-# does). The small sizes take the llama block with Muon, at the learning rate and warm-up that won
-# bench.py's equal-time comparison on gpt-micro with its batch of 16 (README, "Measured results":
-# the rows run with no flags); nano and mini take gpt-micro's rates untested, gpt-small a GPU's.
-# The gpt2* sizes keep GPT-2's block and AdamW, comparable with GPT-2 and nanoGPT.
+# and the GPT-2 sizes want a GPU (for GPT-2's ~0.5M tokens a step: --grad_accum 40 on one GPU, 5 on
+# eight — ours is per process; nanoGPT divides its 40 among them). The small sizes take the llama
+# block with Muon, at the learning rate and warm-up that won bench.py's equal-time comparison on
+# gpt-micro with its batch of 16 (README, "Measured results": the rows run with no flags); nano and
+# mini take gpt-micro's rates untested, gpt-small a GPU's. The gpt2* sizes keep GPT-2's block and
+# AdamW, comparable with GPT-2 and nanoGPT.
 # β2 = 0.99 averages the squared gradients over ~100 steps, steadier for the small, noisy batches
 # of a CPU run; big batches take nanoGPT's 0.95.
 SMALL = dict(block="llama", optimizer="muon", beta2=0.99, lr=2e-3, warmup_iters=50)
@@ -177,6 +178,11 @@ def new_settings(**given):
         del preset["max_iters"]                  # --epochs sets the length instead
     settings = Settings(**{**preset, **given})
     settings.out_dir = settings.out_dir or os.path.join("checkpoints", settings.model_type)
+    n_head = PRESETS[settings.model_type]["n_head"]        # checked now, not after tokenizing
+    if settings.n_kv_head is not None and n_head % settings.n_kv_head:
+        raise InputError(f"--n_kv_head {settings.n_kv_head} does not divide the {n_head} heads of "
+                         f"{settings.model_type} — use one of "
+                         f"{[k for k in range(1, n_head + 1) if n_head % k == 0]}")
     return settings
 
 
@@ -238,8 +244,8 @@ def orthogonalise(G, steps=5, dtype=torch.bfloat16):
 # Which dtype to iterate in: bfloat16 halves the work where the hardware multiplies bfloat16 —
 # NVIDIA GPUs, and CPUs with the AVX512-BF16 instructions (torch asks the CPU which it has).
 # Elsewhere (most laptops: AVX2 only) torch emulates bfloat16, 15–46× slower than float32, and
-# Muon's step would cost more than the model's. The answer is the machine's, so a resumed run,
-# and every process of a run, iterates in the same dtype.
+# Muon's step would cost more than the model's. The answer is the machine's and the device's, so
+# every process of a run, and a run resumed on the same kind of machine, iterates alike.
 
 def newton_schulz_dtype(device_type):
     """bfloat16 on CUDA and on a CPU with native bfloat16 matmuls; float32 elsewhere."""
@@ -565,7 +571,9 @@ def train(settings, resume=None, start=None):
         rank, local_rank, world, device, dtype = set_up_device(settings)
         master = rank == 0                       # only the first process logs and saves
         # The weights' initialisation and dropout draw from torch's global generator: seeding it
-        # makes a run repeatable, and the checkpoint's "rng" carries it on across a resume.
+        # makes a run repeatable, and the checkpoint's "rng" carries it on across a resume. Every
+        # process takes the same seed, so one saved state fits them all; with --dropout they then
+        # draw the same masks (nanoGPT offsets the seed per process; at dropout 0, no difference).
         torch.manual_seed(settings.seed)
         # The data first: the model's vocabulary is the size of the tokenizer it was written with.
         given = tokenizer_for(settings, resume, start)
