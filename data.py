@@ -242,7 +242,7 @@ def write_token_files(documents, enc, out, num_proc, verbose, chat=False):
             temp = stack.enter_context(bpe.atomic_path(out / name))
             files[name] = stack.enter_context(open(temp, "wb"))
         while batch := list(itertools.islice(documents, BATCH_DOCS)):
-            if any(isinstance(doc, str) == chat for _, doc in batch):  # the first set the kind
+            if any(isinstance(doc, list) != chat for _, doc in batch):  # a conversation is a list
                 raise InputError(f"{out.parent.name} mixes plain text and conversations — keep "
                                  f"them in separate datasets")
             if chat:
