@@ -236,8 +236,9 @@ def write_token_files(documents, enc, out, num_proc, verbose, chat=False):
     counts = dict.fromkeys(["train_tokens", "val_tokens", "train_bytes", "val_bytes"]
                            + (["train_targets", "val_targets"] if chat else []), 0)
     started = time.time()
-    with contextlib.ExitStack() as stack:        # leaves what it entered last first: each file
-        files = {}                               # is closed, then renamed into place
+    # The ExitStack leaves what it entered last first: each file is closed, then renamed.
+    with contextlib.ExitStack() as stack:
+        files = {}
         for name in names:
             temp = stack.enter_context(bpe.atomic_path(out / name))
             files[name] = stack.enter_context(open(temp, "wb"))

@@ -341,9 +341,9 @@ class GPT(nn.Module):
         """A GPT of a checkpoint's shape (its model_config) holding its weights. `changes` replace
         config fields: train.py's --init_from sets the dropout, and may shrink block_size (the
         first rows of the position table are kept). Weights that do not fit: a ValueError."""
-        try:
-            config = GPTConfig(**{**ckpt["model_config"], **changes})    # (TypeError: a field
-            weights = dict(ckpt["model"])                                  # GPTConfig lacks)
+        try:                                      # (a field GPTConfig lacks: a TypeError)
+            config = GPTConfig(**{**ckpt["model_config"], **changes})
+            weights = dict(ckpt["model"])
             if "wpe.weight" in weights:
                 weights["wpe.weight"] = weights["wpe.weight"][:config.block_size]
             model = cls(config)

@@ -327,7 +327,6 @@ def learning_rate(it, settings, total_iters):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * t)) * (lr - min_lr)
 
 
-
 def set_learning_rate(optimizers, it, settings, total_iters):
     """Put step `it`'s rate into every optimizer, and return AdamW's (the one the log shows).
     Muon follows the same curve from its own peak: AdamW's rate × muon_lr / lr."""
@@ -337,6 +336,7 @@ def set_learning_rate(optimizers, it, settings, total_iters):
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
     return lr
+
 
 # ----------------------------------------------------------------------------------------------
 # 4. One optimisation step
