@@ -985,6 +985,18 @@ def leave_distributed():
         dist.destroy_process_group()
 
 
+def end_process(code):
+    """Exit with `code`; under torchrun, without Python's shutdown. gloo's worker threads may
+    still be letting go of the last all-reduce's tensors, which needs Python's lock (the GIL),
+    and a thread that asks for it while Python shuts down aborts the process (SIGABRT) at the end
+    of a run that went well. By now everything is saved and closed: only the clean-up is skipped."""
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 # ----------------------------------------------------------------------------------------------
 # 11. (optional) The command line
 # ----------------------------------------------------------------------------------------------
@@ -1085,4 +1097,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(bpe.run_command(main))
+    end_process(bpe.run_command(main))
