@@ -986,13 +986,18 @@ def leave_distributed():
 
 
 def end_process(code):
-    """Exit with `code`; under torchrun, without Python's shutdown. gloo's worker threads may
-    still be letting go of the last all-reduce's tensors, which needs Python's lock (the GIL),
-    and a thread that asks for it while Python shuts down aborts the process (SIGABRT) at the end
-    of a run that went well. By now everything is saved and closed: only the clean-up is skipped."""
+    """Exit with `code`; under torchrun, without Python's shutdown (its atexit functions, then
+    freeing every object). DDP still holds the process group, so destroy_process_group() does not
+    wait for gloo's worker threads, and one may still be freeing the last all-reduce's tensors:
+    that needs Python's lock (the GIL). Python stops a thread that asks for it while shutting
+    down, and stopping this one in the middle of C++ clean-up makes C++ abort the process
+    (SIGABRT), now and then, at the end of a run that went well. Nothing is lost: train()'s `with`
+    blocks have written and closed every file, and the OS lets go of the run folder's lock; only
+    print()'s buffer needs flushing (a pipe already closed, as by `| head`, is no error)."""
     if "RANK" in os.environ:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 
